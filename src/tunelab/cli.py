@@ -1,0 +1,129 @@
+"""The ``tunelab`` command: thin — parse arguments, load a config, call one library function per command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+EPILOG = """examples:
+  tunelab demo                                   fine-tune the embedded model with LoRA, before/after
+  tunelab train configs/lora-arith.yaml          train a run (any method) from a YAML config
+  tunelab train CONFIG --set train.lr=1e-4 --set method.r=16
+  tunelab train CONFIG --resume                  continue an interrupted run from its last checkpoint
+  tunelab generate runs/lora --prompt "What is 12 + 30?"
+  tunelab methods                                list methods with their options and defaults
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunelab", description="Fine-tuning research on language models.",
+                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a run from a YAML config (one loop for every method)")
+    t.add_argument("config", nargs="?", help="YAML run config (see configs/); omit to use only --set values")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.lr=1e-4 (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    t.add_argument("--skip-bad-rows", action="store_true", help="skip malformed data rows and report them")
+    t.add_argument("--check", action="store_true", help="validate the config and exit")
+
+    g = sub.add_parser("generate", help="generate from a trained run or a base model")
+    g.add_argument("target", help="run directory, or a model (alias, HF directory, GGUF file, tiny-llama)")
+    g.add_argument("--prompt", action="append", required=True, help="prompt text (repeatable)")
+    g.add_argument("--template", default="chat", help="prompt template: chat (default), alpaca, plain, none")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--allow-base-mismatch", action="store_true",
+                   help="load a run onto a base model whose weights differ from the one it was trained on")
+
+    sub.add_parser("methods", help="list the methods with their options and defaults")
+
+    d = sub.add_parser("demo", help="fine-tune the embedded model with LoRA and show before/after")
+    d.add_argument("--model", default="smollm2-135m")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--output-dir", default=None)
+    return p
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tunelab.config import load_config
+    from tunelab.train.loop import train
+
+    overrides = list(args.overrides) + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
+    cfg = load_config(args.config, overrides)
+    if args.check:
+        print(f"{args.config or 'config'}: OK (method {cfg.method_name()})")
+        return 0
+    result = train(cfg, resume=args.resume)
+    print(f"run saved to {result.run_dir}")
+    print(f"steps {result.steps}  train loss {result.train_loss:.4f}"
+          + (f"  eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
+          + f"  tokens/s {result.tokens_per_s:.0f}  peak RSS {result.peak_rss_mb:.0f} MiB"
+          + f"  trainable {result.trainable_params:,} ({100 * result.trainable_params / result.total_params:.3f}%)")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tunelab.data import Record, render_prompt
+    from tunelab.eval.generate import generate
+    from tunelab.models import load_model
+    from tunelab.runs import is_run_dir, load_run
+
+    if is_run_dir(args.target):
+        model, tokenizer, _handle, _cfg = load_run(args.target, allow_base_mismatch=args.allow_base_mismatch)
+    else:
+        model, tokenizer = load_model(args.target)
+    if args.template == "none":
+        prompts = list(args.prompt)
+    else:
+        prompts = [render_prompt(Record(instruction=p, input="", output=""), args.template, tokenizer)
+                   for p in args.prompt]
+    outputs = generate(model, tokenizer, prompts, max_new_tokens=args.max_new_tokens,
+                       add_special_tokens=args.template != "chat")
+    for prompt, out in zip(args.prompt, outputs, strict=True):
+        print(f"### {prompt}\n{out.strip()}\n")
+    return 0
+
+
+def cmd_methods(_args: argparse.Namespace) -> int:
+    from tunelab.methods import REGISTRY, get_method, method_options
+
+    for name in REGISTRY:
+        module = get_method(name)
+        print(f"{name}: {module.DESCRIPTION}\n  paper: {module.PAPER}")
+        for opt, typ, default in method_options(name):
+            print(f"    {opt:<14} {typ:<28} default: {default!r}")
+        print()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tunelab.demo import run_demo
+
+    run_demo(model=args.model, steps=args.steps, output_dir=args.output_dir)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "methods": cmd_methods, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    from tunelab.errors import USER_ERRORS
+
+    try:
+        return COMMANDS[args.command](args)
+    except USER_ERRORS as e:
+        print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,337 @@
+"""Typed run configuration: dataclasses are the single source of truth.
+
+YAML files and ``--set a.b=value`` overrides are only two ways of filling them. Every value is checked against
+the dataclass field's type; unknown keys are rejected with the nearest valid key, and errors name the file and the
+line of the offending key when the value came from a YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelSection:
+    """Which base model to load (see ``tunelab.models.load_model``)."""
+
+    name: str = "smollm2-135m"
+    dtype: str = "auto"  # auto (bf16 where the CPU has fast bf16), bf16, fp32
+
+
+@dataclass
+class FieldsSection:
+    """Names of the record fields in the data files (LLM-Adapters / Alpaca names by default)."""
+
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+
+@dataclass
+class DataSection:
+    """Training data: a JSON/JSONL file of instruction records or a built-in synthetic task."""
+
+    train: str = ""  # path, or synthetic:NAME:SPLIT:N
+    eval: str | None = None  # path or synthetic spec; None = hold out eval_fraction of train
+    eval_fraction: float = 0.0
+    eval_max_examples: int = 256
+    limit: int | None = None  # use at most this many training records
+    template: str = "alpaca"  # alpaca, plain, chat, or a format string with {instruction} and {input}
+    fields: FieldsSection = field(default_factory=FieldsSection)
+    max_length: int = 512
+    train_on_prompt: bool = False
+    packing: bool = False
+    group_by_length: bool = True
+    skip_bad_rows: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_length < 2:
+            raise ConfigError(f"data.max_length must be at least 2, got {self.max_length}")
+
+
+@dataclass
+class TrainSection:
+    """Optimisation settings shared by every method (one loop trains them all)."""
+
+    lr: float = 2e-4
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs when set
+    batch_size: int = 8  # micro-batch size per process
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float | None = 1.0
+    seed: int = 42
+    autocast: Literal["auto", "bf16", "off"] = "auto"
+    eval_every: int = 0  # steps; 0 = only at the end (when an eval set exists)
+    save_every: int = 0  # steps; 0 = only the final weights
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    threads: int | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"train.max_steps must be at least 1 (or null), got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"train.adam_betas needs two numbers, got {self.adam_betas}")
+
+
+@dataclass
+class RunConfig:
+    """A whole training run. ``method`` is a mapping with ``name`` plus that method's own options."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "lora"})
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    output_dir: str = "runs/{method}"
+
+    def method_name(self) -> str:
+        return str(self.method.get("name", ""))
+
+    def method_config(self) -> Any:
+        """The method's own typed config, validated by its module (``tunelab.methods.REGISTRY``)."""
+        from tunelab.methods import build_method_config
+
+        return build_method_config(self.method)
+
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir.format(method=self.method_name()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checks and helpful errors
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Lines:
+    """Maps dotted keys to 'file:line' for messages, from the YAML node tree."""
+
+    def __init__(self, source: str = "", lines: dict[str, int] | None = None) -> None:
+        self.source = source
+        self.lines = lines or {}
+
+    def where(self, key: str) -> str:
+        if key in self.lines:
+            return f"{self.source}:{self.lines[key]}: "
+        return f"{self.source}: " if self.source else ""
+
+
+def _yaml_lines(node: yaml.Node, prefix: str = "") -> dict[str, int]:
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = f"{prefix}{key_node.value}"
+            out[key] = key_node.start_mark.line + 1
+            out.update(_yaml_lines(value_node, key + "."))
+    return out
+
+
+def suggest(name: str, options: typing.Iterable[str]) -> str:
+    """' Did you mean X?' for the closest option, or a list of the valid ones."""
+    options = list(options)
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    if close:
+        return f" Did you mean '{close[0]}'?"
+    return f" Valid keys: {', '.join(options)}."
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str, lines: _Lines) -> Any:
+    """Check/convert ``value`` to type ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        return _convert_union(value, tp, key, lines)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{lines.where(key)}'{key}' got {value!r}; valid values: {', '.join(map(str, args))}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{lines.where(key)}'{key}' got {value!r}, expected a list")
+        return [_convert(v, args[0] if args else Any, f"{key}[{i}]", lines) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{lines.where(key)}'{key}' got {value!r}, expected a mapping")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, key, lines)
+    return _convert_scalar(value, tp, key, lines)
+
+
+def _convert_union(value: Any, tp: Any, key: str, lines: _Lines) -> Any:
+    args = typing.get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    for arg in (a for a in args if a is not type(None)):
+        try:
+            return _convert(value, arg, key, lines)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{lines.where(key)}'{key}' got {value!r}, expected {_type_name(tp)}")
+
+
+def _convert_scalar(value: Any, tp: Any, key: str, lines: _Lines) -> Any:
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"{lines.where(key)}'{key}' got {value!r}, expected {_type_name(tp)}")
+
+
+def build(cls: type, data: Any, prefix: str = "", lines: _Lines | None = None) -> Any:
+    """Build dataclass ``cls`` from a mapping; unknown keys are errors with the nearest valid key."""
+    lines = lines or _Lines()
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{lines.where(prefix)}'{prefix or 'config'}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            where = f"section '{prefix}'" if prefix else "the top level"
+            raise ConfigError(f"{lines.where(full)}unknown key '{key}' in {where}.{suggest(str(key), names)}")
+        kwargs[key] = _convert(value, hints[key], full, lines)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{lines.where(prefix)}{e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{lines.where(prefix)}invalid '{prefix or 'config'}': {e}") from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# YAML and overrides
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-4' -> (['train', 'lr'], 1e-4); the value is parsed as YAML (safely)."""
+    if "=" not in text:
+        raise ConfigError(f"--set expects key=value (e.g. train.lr=1e-4), got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: typing.Sequence[str]) -> dict[str, Any]:
+    """Apply dotted ``key=value`` overrides to a nested mapping (returns the same mapping)."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | os.PathLike) -> tuple[dict[str, Any], _Lines]:
+    """Load a YAML mapping safely, with the line of every key for error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, method, data, train)")
+    return data, _Lines(str(path), _yaml_lines(node) if node is not None else {})
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: typing.Sequence[str] = ()) -> RunConfig:
+    """Read a run config from YAML (optional) plus overrides, validate it, including the method's options."""
+    data, lines = read_yaml(path) if path is not None else ({}, _Lines())
+    apply_overrides(data, overrides)
+    cfg = config_from_dict(data, lines)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], lines: _Lines | None = None) -> RunConfig:
+    lines = lines or _Lines()
+    cfg = build(RunConfig, data, "", lines)
+    method = dict(cfg.method)
+    if "name" not in method:
+        raise ConfigError(f"{lines.where('method')}'method' needs a 'name' (see `tunelab methods`)")
+    try:
+        resolved = cfg.method_config()
+    except ConfigError as e:
+        raise ConfigError(f"{lines.where('method')}{e}") from None
+    cfg.method = {"name": method["name"], **dataclasses.asdict(resolved)}  # every default filled in
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written next to every run)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,21 @@
+"""One entry point for a data source named in a config: a file path or a ``synthetic:TASK:SPLIT:N`` spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tunelab.data.records import BadRow, FieldMap, Record, load_records
+from tunelab.data.synthetic import generate, parse_synthetic_spec
+
+_DEFAULT_FIELDS = FieldMap()
+
+
+def load_source(
+    spec: str | Path, fields: FieldMap = _DEFAULT_FIELDS, *, skip_bad_rows: bool = False, seed: int = 0
+) -> tuple[list[Record], list[BadRow]]:
+    """Records from ``spec``: ``synthetic:TASK:SPLIT:N`` (generated with ``seed``) or a JSON / JSONL file path."""
+    parsed = parse_synthetic_spec(str(spec))
+    if parsed is not None:
+        name, split, n = parsed
+        return generate(name, split, n, seed=seed), []
+    return load_records(spec, fields, skip_bad_rows=skip_bad_rows)

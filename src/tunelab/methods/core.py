@@ -1,0 +1,295 @@
+"""The method-agnostic core: target matching, freezing, counting, the handle that saves/loads/merges.
+
+A method is one module with a typed ``Config`` and ``apply(model, config) -> MethodHandle``. This file knows
+nothing about any particular method: methods that wrap layers give the handle their wrapper modules (each may
+implement ``merge()``, ``unmerge()`` and ``unwrap()``); methods that act through hooks register them with
+``handle.add_hook`` so that ``remove()`` takes off exactly the hooks the method added.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+
+class MethodError(ValueError):
+    """A method cannot be applied as configured (message says what would work)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Targets
+# --------------------------------------------------------------------------------------------------------------
+
+ALL_LINEAR = "all-linear"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' GPT-2 style Conv1D (a linear layer stored as [in, out])."""
+    if isinstance(module, nn.Linear):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like layer."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    w = module.weight  # Conv1D: weight is [in, out]
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Module names of the output projection (never targeted by 'all-linear')."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {n for n, m in model.named_modules() if head is not None and m is head}
+
+
+def summarize_names(names: Iterable[str], limit: int = 12) -> str:
+    """Collapse layer indices: model.layers.0.mlp.up_proj, model.layers.1... -> model.layers.*.mlp.up_proj."""
+    patterns: dict[str, None] = {}
+    for n in names:
+        patterns.setdefault(re.sub(r"\.\d+\.", ".*.", n), None)
+    shown = list(patterns)[:limit]
+    more = len(patterns) - len(shown)
+    return ", ".join(shown) + (f" (+{more} more)" if more > 0 else "")
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def find_targets(
+    model: nn.Module,
+    targets: str | Sequence[str],
+    *,
+    predicate: Callable[[nn.Module], bool] = is_linear,
+    kind: str = "linear",
+) -> list[str]:
+    """Names of the modules a method should adapt.
+
+    ``targets`` is ``"all-linear"`` (every linear layer but the output head), a regex string matched against the
+    full module name (``re.fullmatch``), or a list of names/suffixes (``"q_proj"`` matches
+    ``model.layers.3.self_attn.q_proj``). Raises MethodError listing the candidate layers when nothing matches.
+    """
+    candidates = [n for n, m in model.named_modules() if n and predicate(m)]
+    if targets == ALL_LINEAR:
+        heads = output_head_names(model)
+        found = [n for n in candidates if n not in heads]
+    else:
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as e:
+                raise MethodError(f"target pattern {targets!r} is not a valid regular expression: {e}") from None
+        found = [n for n in candidates if _matches(n, targets)]
+    if not found:
+        raise MethodError(
+            f"target {targets!r} matched no {kind} layer of {type(model).__name__}. "
+            f"Its {kind} layers are: {summarize_names(candidates)}. Use '{ALL_LINEAR}', a list of suffixes such as "
+            f"['q_proj', 'v_proj'], or a regex on the full name."
+        )
+    return found
+
+
+def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Freezing and counting
+# --------------------------------------------------------------------------------------------------------------
+
+
+def freeze(model: nn.Module) -> None:
+    """Make every parameter of the model frozen; methods then create or unfreeze their own."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Unique parameters (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The handle
+# --------------------------------------------------------------------------------------------------------------
+
+
+@runtime_checkable
+class AdapterLayer(Protocol):
+    """What a layer-wrapping method's wrapper provides (merge/unmerge are optional: see ``supports_merge``)."""
+
+    enabled: bool
+
+    def unwrap(self) -> nn.Module: ...
+
+
+@dataclass
+class MethodHandle:
+    """What ``apply`` returns: the applied method's state on one model.
+
+    ``layers`` maps module names to wrapper modules the method put in place of the originals; ``hooks`` are the
+    removable hook handles the method registered. Trainable state is every parameter with ``requires_grad`` plus the
+    method's persistent buffers named in ``extra_state_keys``.
+    """
+
+    name: str
+    model: nn.Module
+    config: Any
+    layers: dict[str, nn.Module] = field(default_factory=dict)
+    hooks: list[Any] = field(default_factory=list)
+    extra_state_keys: list[str] = field(default_factory=list)
+    merge_note: str = ""  # why merge is not supported, when it is not
+    enabled: bool = True
+    merged: bool = False
+    on_disable: Callable[[bool], None] | None = None
+
+    # -- parameters ------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        seen: set[int] = set()
+        out = {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                out[n] = p
+        return out
+
+    def num_trainable(self) -> int:
+        return sum(p.numel() for p in self.trainable_parameters().values())
+
+    def upcast_trainable(self, dtype: torch.dtype = torch.float32) -> None:
+        """Trainable parameters (and so optimizer state) are kept in fp32 whatever the frozen weights' dtype."""
+        for p in self.trainable_parameters().values():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+    # -- state -----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The method's trainable weights and persistent extra state, keyed by full module path."""
+        out = {n: p.detach() for n, p in self.trainable_parameters().items()}
+        buffers = dict(self.model.named_buffers())
+        for key in self.extra_state_keys:
+            out[key] = buffers[key].detach()
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
+        own = {**self.trainable_parameters(), **{k: v for k, v in self.model.named_buffers() if k in self.extra_state_keys}}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise MethodError(
+                f"saved {self.name} weights do not fit this model: missing {summarize_names(missing) or 'none'}; "
+                f"unexpected {summarize_names(unexpected) or 'none'}. Was the run trained with other targets or "
+                f"another base model?"
+            )
+        with torch.no_grad():
+            for key, tensor in state.items():
+                if key in own:
+                    if own[key].shape != tensor.shape:
+                        raise MethodError(f"saved tensor {key} has shape {tuple(tensor.shape)}, "
+                                          f"the model expects {tuple(own[key].shape)}")
+                    own[key].copy_(tensor.to(own[key].dtype))
+
+    # -- merge -----------------------------------------------------------------------------------------------
+    @property
+    def supports_merge(self) -> bool:
+        return not self.merge_note and all(hasattr(m, "merge") for m in self.layers.values())
+
+    def _require_merge(self) -> None:
+        if not self.supports_merge:
+            raise MethodError(f"method '{self.name}' cannot merge: {self.merge_note or 'its layers have no merge'}")
+
+    def merge(self) -> None:
+        """Fold the method into the base weights (outputs unchanged; the method's extra compute disappears)."""
+        self._require_merge()
+        if not self.merged:
+            for layer in self.layers.values():
+                layer.merge()
+            self.merged = True
+
+    def unmerge(self) -> None:
+        self._require_merge()
+        if self.merged:
+            for layer in self.layers.values():
+                layer.unmerge()
+            self.merged = False
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge, then put the original (now updated) modules back; returns a plain transformers model."""
+        self.merge()
+        self._unwrap_all()
+        return self.model
+
+    # -- enable / disable / remove -----------------------------------------------------------------------------
+    def set_enabled(self, enabled: bool) -> None:
+        for layer in self.layers.values():
+            layer.enabled = enabled
+        if self.on_disable is not None:
+            self.on_disable(enabled)
+        self.enabled = enabled
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model: ``with handle.disabled(): model(...)``."""
+        if self.merged:
+            raise MethodError(f"'{self.name}' is merged into the weights: unmerge() before disabling it")
+        previous = self.enabled
+        self.set_enabled(False)
+        try:
+            yield
+        finally:
+            self.set_enabled(previous)
+
+    def _unwrap_all(self) -> None:
+        for name, layer in self.layers.items():
+            parent, attr = get_submodule_parent(self.model, name)
+            setattr(parent, attr, layer.unwrap())
+        self.layers = {}
+
+    def remove(self) -> nn.Module:
+        """Take the method off: unmerge if merged, put original modules back, remove the method's hooks only."""
+        if self.merged:
+            self.unmerge()
+        self._unwrap_all()
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+        return self.model
+
+    def add_hook(self, hook_handle: Any) -> None:
+        """Record a hook this method registered, so that remove() takes off exactly it."""
+        self.hooks.append(hook_handle)
+
+
+def replace_modules(model: nn.Module, names: Iterable[str], wrap: Callable[[str, nn.Module], nn.Module]) -> dict[str, nn.Module]:
+    """Swap each named module for ``wrap(name, module)``; returns name -> wrapper (for MethodHandle.layers)."""
+    wrapped = {}
+    for name in names:
+        parent, attr = get_submodule_parent(model, name)
+        new = wrap(name, getattr(parent, attr))
+        setattr(parent, attr, new)
+        wrapped[name] = new
+    return wrapped
+
+
+def param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
+    p = next(iter(module.parameters()))
+    return p.dtype, p.device
+

@@ -1,0 +1,177 @@
+"""LoRA: low-rank adaptation of linear layers (Hu et al., 2021, https://arxiv.org/abs/2106.09685).
+
+    h = W x + s · B A x,   A ∈ ℝ^{r×d_in}, B ∈ ℝ^{d_out×r},   s = α / r   (rsLoRA: s = α / √r, Kalajdzievski 2023)
+
+A is initialised Kaiming-uniform (as nn.Linear, peft's default) or N(0, 1/r) ("gaussian"), B = 0, so the model is
+unchanged at initialisation. Merging adds s·B·A to W (computed in fp32, stored in W's dtype).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tunelab.config import ConfigError
+from tunelab.methods.core import (
+    ALL_LINEAR,
+    MethodError,
+    MethodHandle,
+    find_targets,
+    freeze,
+    linear_shape,
+    replace_modules,
+)
+
+DESCRIPTION = "LoRA: W + (α/r)·B·A on target linear layers (mergeable)"
+PAPER = "Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models, https://arxiv.org/abs/2106.09685"
+
+
+@dataclass(frozen=True)
+class Config:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | list[str] = ALL_LINEAR
+    rslora: bool = False
+    init: Literal["kaiming", "gaussian"] = "kaiming"
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"lora: r must be at least 1, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora: dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
+
+
+class LoraLinear(nn.Module):
+    """Wraps a frozen linear layer (``base_layer``) and adds the low-rank update s·B·A x."""
+
+    def __init__(self, base_layer: nn.Module, r: int, scaling: float, dropout: float, init: str) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        d_in, d_out = linear_shape(base_layer)
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # GPT-2 Conv1D stores W as [in, out]
+        self.r, self.scaling = r, scaling
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=base_layer.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=base_layer.weight.device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.enabled = True
+        self.merged = False
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def delta_weight(self) -> torch.Tensor:
+        """s·B·A in fp32, laid out like the base weight."""
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return delta.T if self.fan_in_fan_out else delta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if not self.enabled or self.merged:
+            return y
+        a = self.lora_A
+        h = F.linear(F.linear(self.dropout(x).to(a.dtype), a), self.lora_B)
+        return y + (h * self.scaling).to(y.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
+            self.merged = False
+
+    def unwrap(self) -> nn.Module:
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, scaling={self.scaling:g}"
+
+
+def apply(model: nn.Module, config: Config) -> MethodHandle:
+    """Freeze the model and wrap every target linear layer with a LoraLinear."""
+    names = find_targets(model, config.targets)
+    for name in names:
+        d_in, d_out = linear_shape(model.get_submodule(name))
+        if config.r > min(d_in, d_out):
+            raise MethodError(
+                f"lora: rank r={config.r} is larger than layer {name} ({d_in} -> {d_out}); "
+                f"use r <= {min(d_in, d_out)} or leave this layer out of the targets"
+            )
+    freeze(model)
+    layers = replace_modules(
+        model, names, lambda _n, m: LoraLinear(m, config.r, config.scaling, config.dropout, config.init)
+    )
+    return MethodHandle(name="lora", model=model, config=config, layers=layers)
+
+
+def num_parameters(model: nn.Module, config: Config) -> int:
+    """Closed form: Σ over targets of r·(d_in + d_out)."""
+    return sum(config.r * sum(linear_shape(model.get_submodule(n))) for n in find_targets(model, config.targets))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# peft interoperability
+# --------------------------------------------------------------------------------------------------------------
+
+
+def export(handle: MethodHandle, out_dir: Path, base_model_id: str = "") -> Path:
+    """Write the adapter in peft's format (adapter_config.json + adapter_model.safetensors).
+
+    peft stores lora_A / lora_B under ``base_model.model.<module>.lora_{A,B}.weight`` and applies the same
+    scaling α/r (or α/√r with use_rslora), so ``PeftModel.from_pretrained`` gives the same logits.
+    """
+    cfg: Config = handle.config
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, layer in handle.layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().float().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().float().contiguous()
+    any_conv1d = any(layer.fan_in_fan_out for layer in handle.layers.values())
+    peft_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_id,
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "use_rslora": cfg.rslora,
+        "target_modules": sorted(handle.layers),
+        "fan_in_fan_out": any_conv1d,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+    }
+    from tunelab.runs import atomic_write_bytes, atomic_write_text
+
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config, indent=2))
+    atomic_write_bytes(out_dir / "adapter_model.safetensors", _safetensors_bytes(tensors))
+    return out_dir
+
+
+def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    return save(tensors)
+

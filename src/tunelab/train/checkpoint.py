@@ -1,0 +1,137 @@
+"""Resumable checkpoints, written atomically and without pickle.
+
+A checkpoint is a folder ``checkpoints/step-00000042/`` with
+
+    trainable.safetensors   the method's trainable weights and extra state (fp32)
+    optimizer.safetensors   optimizer tensors (per parameter: step, exp_avg, exp_avg_sq, ...) + RNG states
+    state.json              step, scheduler state, optimizer param groups, parameter order, counters
+
+It is assembled in a hidden temp folder (each file fsynced) and renamed into place, so every ``step-*`` folder
+that exists is complete; the newest one is the one to resume from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from tunelab.runs import atomic_save_tensors, atomic_write_json
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to continue a run exactly where it stopped."""
+
+    step: int
+    trainable: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, torch.Tensor]
+    counters: dict[str, Any]
+
+
+def _optimizer_to_flat(opt_state: dict[str, Any], names: list[str]) -> tuple[dict[str, torch.Tensor], list]:
+    tensors = {}
+    for idx, per_param in opt_state["state"].items():
+        for key, value in per_param.items():
+            t = value if torch.is_tensor(value) else torch.tensor(value)
+            tensors[f"opt/{names[idx]}/{key}"] = t
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt_state["param_groups"]]
+    return tensors, groups
+
+
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], groups: list, names: list[str]) -> dict[str, Any]:
+    index = {n: i for i, n in enumerate(names)}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, t in tensors.items():
+        if not key.startswith("opt/"):
+            continue
+        name, _, field = key[4:].rpartition("/")
+        state.setdefault(index[name], {})[field] = t
+    for g in groups:
+        if isinstance(g.get("betas"), list):
+            g["betas"] = tuple(g["betas"])
+    return {"state": state, "param_groups": groups}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    out = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["rng/cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
+    if "rng/cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng/cuda"])
+
+
+def save_checkpoint(ckpt_root: Path, state: TrainingState, param_names: list[str], keep: int = 2) -> Path:
+    """Write a complete checkpoint folder atomically; keep only the newest ``keep`` checkpoints."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step-{state.step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=ckpt_root))
+    try:
+        opt_tensors, groups = _optimizer_to_flat(state.optimizer, param_names)
+        atomic_save_tensors(tmp / "trainable.safetensors", state.trainable)
+        atomic_save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **state.rng})
+        atomic_write_json(tmp / "state.json", {
+            "step": state.step, "scheduler": state.scheduler, "param_groups": groups,
+            "param_names": param_names, "counters": state.counters,
+        })
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders of an interrupted save are ignored)."""
+    if not ckpt_root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    found = list_checkpoints(ckpt_root)
+    return found[-1] if found else None
+
+
+def load_checkpoint(path: Path) -> TrainingState:
+    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    opt_and_rng = load_file(str(path / "optimizer.safetensors"))
+    names = meta["param_names"]
+    return TrainingState(
+        step=int(meta["step"]),
+        trainable=load_file(str(path / "trainable.safetensors")),
+        optimizer=_optimizer_from_flat(opt_and_rng, meta["param_groups"], names),
+        scheduler=meta["scheduler"],
+        rng={k: v for k, v in opt_and_rng.items() if k.startswith("rng/")},
+        counters=meta["counters"] | {"param_names": names},
+    )
+
+
+def clean_temp(ckpt_root: Path) -> None:
+    """Remove leftovers of a save that was killed half-way."""
+    if ckpt_root.is_dir():
+        for p in ckpt_root.glob(".tmp-step-*"):
+            shutil.rmtree(p, ignore_errors=True)

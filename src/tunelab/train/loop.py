@@ -1,0 +1,391 @@
+"""The one training loop: every method is trained by ``train(config)``.
+
+Per optimizer step s: the G micro-batches of the step (G·W over W processes) have N target tokens in all; each
+micro-batch contributes Σ NLL / N to the objective (``tunelab.train.objective``), so the gradient is that of the
+per-token mean over the whole step. Then: clip, AdamW, schedule, log; evaluate and checkpoint on their intervals.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import math
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+import tunelab
+from tunelab.config import RunConfig, dump_config
+from tunelab.methods import get_method
+from tunelab.methods.core import MethodHandle, count_parameters
+from tunelab.runs import (
+    ADAPTER_FILE,
+    CONFIG_FILE,
+    META_FILE,
+    METRICS_FILE,
+    RunError,
+    append_jsonl,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_text,
+)
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.batches import BatchPlan, PreparedData, prepare_data, step_micro_batches
+from tunelab.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from tunelab.train.objective import mean_nll, nll_sum
+from tunelab.train.schedules import lr_factor, warmup_steps_for
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    train_loss: float
+    eval_loss: float | None
+    tokens: int
+    target_tokens: int
+    seconds: float
+    tokens_per_s: float
+    peak_rss_mb: float
+    trainable_params: int
+    total_params: int
+
+
+class LossModule(nn.Module):
+    """Wraps the model so DistributedDataParallel sees one forward that returns (Σ NLL, N)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        return nll_sum(self.model, batch)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def autocast_context(mode: str, model_dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """bf16 autocast when asked, or ('auto') when the frozen weights are bf16."""
+    enabled = mode == "bf16" or (mode == "auto" and model_dtype == torch.bfloat16)
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """Fingerprint of everything that decides the trained weights (the progress bar setting does not)."""
+    data = cfg.to_dict()
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "threads", "log_every")}
+    return hashlib.blake2b(repr(data).encode(), digest_size=8).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """State of one training run; ``run()`` executes it. Use ``train(cfg)``."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, model: Any = None, tokenizer: Any = None) -> None:
+        self.cfg = cfg
+        self.resume = resume
+        self.info: DistInfo = init_distributed()
+        self.run_dir = cfg.resolved_output_dir()
+        self.ckpt_root = self.run_dir / "checkpoints"
+        self._model, self._tokenizer = model, tokenizer
+
+    # -- set-up ----------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        from tunelab.models import describe_spec, load_model, model_fingerprint
+
+        t = self.cfg.train
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        elif self.info.enabled:
+            torch.set_num_threads(max(1, (torch.get_num_threads()) // self.info.world_size))
+        torch.manual_seed(t.seed)
+        if self._model is None:
+            self._model, self._tokenizer = load_model(self.cfg.model.name, self.cfg.model.dtype)
+        self.model, self.tokenizer = self._model, self._tokenizer
+        self.base_dtype = next(self.model.parameters()).dtype
+        self.base_id = describe_spec(self.cfg.model.name)
+        self.fingerprint = model_fingerprint(self.model)
+        self.total_params = count_parameters(self.model)
+        self.method = get_method(self.cfg.method_name())
+        self.handle: MethodHandle = self.method.apply(self.model, self.cfg.method_config())
+        self.handle.upcast_trainable()
+        self.params = self.handle.trainable_parameters()
+        if not self.params:
+            raise RunError(f"method '{self.handle.name}' left no trainable parameters")
+        self.device = next(iter(self.params.values())).device
+        self.data: PreparedData = prepare_data(self.cfg.data, self.tokenizer, t.seed)
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
+        self.pad_id = pad_id
+        self.plan = BatchPlan(self.data.train, t.batch_size, self.cfg.data.max_length, pad_id, seed=t.seed,
+                              packing=self.cfg.data.packing, group_by_length=self.cfg.data.group_by_length)
+        per_step = t.grad_accum * self.info.world_size
+        self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.plan.batches_in_epoch() / per_step))
+        self.warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
+        self._build_optimizer()
+        self.forward = LossModule(self.model)
+        if self.info.enabled:
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, find_unused_parameters=False)
+
+    def _build_optimizer(self) -> None:
+        t = self.cfg.train
+        decay = [p for p in self.params.values() if p.ndim >= 2]
+        no_decay = [p for p in self.params.values() if p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [g for g in groups if g["params"]]
+        self.param_order = [n for n, p in self.params.items() if p.ndim >= 2] + \
+                           [n for n, p in self.params.items() if p.ndim < 2]
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), foreach=True)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(s, self.total_steps, self.warmup, t.schedule, t.min_lr_ratio),
+        )
+
+    # -- run directory ---------------------------------------------------------------------------------------
+    def prepare_run_dir(self) -> int:
+        """Create or check the run directory; return the step to start from."""
+        existing = ckpt.latest_checkpoint(self.ckpt_root)
+        meta_path = self.run_dir / META_FILE
+        if not self.resume and (existing is not None or meta_path.exists()):
+            raise RunError(f"{self.run_dir} already holds a run. Pass --resume to continue it, or choose another "
+                           f"output_dir (--set output_dir=...)")
+        if self.resume and meta_path.exists():
+            old = __import__("json").loads(meta_path.read_text())
+            if old.get("config_hash") != config_hash(self.cfg):
+                raise RunError(f"{self.run_dir}: --resume needs the same config as the interrupted run; "
+                               f"compare with {self.run_dir / CONFIG_FILE}")
+            if old.get("status") == "complete":
+                raise RunError(f"{self.run_dir} is already complete; nothing to resume")
+        start = 0
+        if self.resume and existing is not None:
+            start = self._restore(existing)
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.clean_temp(self.ckpt_root)
+            atomic_write_text(self.run_dir / CONFIG_FILE, dump_config(self.cfg))
+            self._write_meta("running")
+            if start == 0:
+                (self.run_dir / METRICS_FILE).unlink(missing_ok=True)
+        barrier(self.info)
+        return start
+
+    def _restore(self, path: Path) -> int:
+        state = ckpt.load_checkpoint(path)
+        self.handle.load_state_dict(state.trainable)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        ckpt.set_rng_state(state.rng)
+        self.counters = {k: v for k, v in state.counters.items() if k != "param_names"}
+        self.last_checkpoint = path
+        if self.info.is_main:
+            _truncate_metrics(self.run_dir / METRICS_FILE, state.step)
+        return state.step
+
+    def _write_meta(self, status: str, **extra: Any) -> None:
+        meta = {
+            "tunelab_version": tunelab.__version__,
+            "status": status,
+            "method": self.handle.name,
+            "base_model": self.cfg.model.name,
+            "base_model_id": self.base_id,
+            "base_fingerprint": self.fingerprint,
+            "config_hash": config_hash(self.cfg),
+            "trainable_params": self.handle.num_trainable(),
+            "total_params": self.total_params,
+            "trainable_percent": 100.0 * self.handle.num_trainable() / self.total_params,
+            "data": {k: v for k, v in self.data.stats.items() if k != "bad_rows"},
+            "bad_rows": self.data.stats.get("bad_rows", [])[:100],
+            "world_size": self.info.world_size,
+            **extra,
+        }
+        atomic_write_json(self.run_dir / META_FILE, meta)
+
+    # -- one step --------------------------------------------------------------------------------------------
+    def _step(self, step: int) -> dict[str, float]:
+        t, info = self.cfg.train, self.info
+        ids = step_micro_batches(step, t.grad_accum, info.world_size, info.rank)
+        n_target = sum(self.plan.targets(g) for g in range(step * t.grad_accum * info.world_size,
+                                                              (step + 1) * t.grad_accum * info.world_size))
+        total, tokens = 0.0, 0
+        for i, g in enumerate(ids):
+            batch, n_tok = self.plan.micro_batch(g)
+            tokens += n_tok
+            sync = i == len(ids) - 1 or not info.enabled
+            with self._no_sync(sync), self.autocast:
+                s, _ = self.forward(batch)
+                loss = s * (info.world_size / max(n_target, 1))
+            if not torch.isfinite(s):
+                self._diverged(step)
+            loss.backward()
+            total += float(s.detach())
+        total, tokens = all_reduce_sum([total, tokens], info)
+        grad_norm = self._clip()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss": mean_nll(total, n_target), "tokens": int(tokens), "target_tokens": n_target,
+                "grad_norm": grad_norm}
+
+    def _no_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        if sync or not hasattr(self.forward, "no_sync"):
+            return contextlib.nullcontext()
+        return self.forward.no_sync()
+
+    def _clip(self) -> float:
+        max_norm = self.cfg.train.max_grad_norm
+        params = list(self.params.values())
+        if max_norm is None or max_norm <= 0:
+            norms = [p.grad.detach().norm() for p in params if p.grad is not None]
+            return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+
+    def _diverged(self, step: int) -> None:
+        last = getattr(self, "last_checkpoint", None)
+        msg = (f"non-finite loss at step {step + 1}; last good checkpoint: {last or 'none (no checkpoint saved yet)'}."
+               f" Lower train.lr, check the data, or try train.autocast=off")
+        if self.info.is_main:
+            self._write_meta("failed", error=msg, failed_step=step + 1)
+        raise TrainingDiverged(msg)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float] | None:
+        """Per-token NLL on the held-out examples (response tokens only), sharded over processes."""
+        if not self.data.eval:
+            return None
+        from tunelab.data import collate
+
+        self.model.eval()
+        total, count = 0.0, 0
+        bs = self.cfg.train.batch_size
+        order = sorted(range(len(self.data.eval)), key=lambda i: len(self.data.eval[i].input_ids))
+        shards = [order[i: i + bs] for i in range(0, len(order), bs)][self.info.rank:: self.info.world_size]
+        for idx in shards:
+            batch = collate([self.data.eval[i] for i in idx], self.pad_id)
+            with self.autocast:
+                s, n = nll_sum(self.model, batch)
+            total, count = total + float(s), count + n
+        self.model.train()
+        total, count = all_reduce_sum([total, count], self.info)
+        return {"eval_loss": mean_nll(total, int(count)), "eval_target_tokens": int(count)}
+
+    # -- main loop -------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        self.setup()
+        self.counters: dict[str, Any] = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "last_loss": float("nan")}
+        start = self.prepare_run_dir()
+        self.autocast = autocast_context(self.cfg.train.autocast, self.base_dtype, self.device)
+        try:
+            result = self._loop(start)
+        except BaseException as e:
+            if self.info.is_main and not isinstance(e, TrainingDiverged):
+                self._write_meta("failed", error=f"{type(e).__name__}: {e}")
+            raise
+        return result
+
+    def _loop(self, start: int) -> TrainResult:
+        t = self.cfg.train
+        self.model.train()
+        bar = _progress(self.total_steps, start, t.progress and self.info.is_main)
+        eval_metrics = None
+        for step in range(start, self.total_steps):
+            t0 = time.perf_counter()
+            m = self._step(step)
+            dt = time.perf_counter() - t0
+            self._count(m, dt)
+            done = step + 1
+            if self.info.is_main and (done % t.log_every == 0 or done == self.total_steps):
+                row = {"step": done, **m, "lr": self.scheduler.get_last_lr()[0], "step_s": dt,
+                       "tokens_per_s": m["tokens"] / dt}
+                append_jsonl(self.run_dir / METRICS_FILE, row)
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{self.counters['tokens'] / self.counters['seconds']:.0f}")
+            if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
+                self._log_eval(done)
+            if t.save_every and done % t.save_every == 0 and done < self.total_steps:
+                self._save_checkpoint(done)
+        bar.close()
+        eval_metrics = self._log_eval(self.total_steps)
+        return self._finish(eval_metrics)
+
+    def _count(self, m: dict[str, float], dt: float) -> None:
+        c = self.counters
+        c["tokens"] += m["tokens"]
+        c["target_tokens"] += m["target_tokens"]
+        c["seconds"] += dt
+        c["last_loss"] = m["loss"]
+
+    def _log_eval(self, step: int) -> dict[str, float] | None:
+        metrics = self.evaluate()
+        if metrics is not None and self.info.is_main:
+            append_jsonl(self.run_dir / METRICS_FILE, {"step": step, **metrics})
+        return metrics
+
+    def _save_checkpoint(self, step: int) -> None:
+        if self.info.is_main:
+            state = ckpt.TrainingState(
+                step=step, trainable=self.handle.state_dict(), optimizer=self.optimizer.state_dict(),
+                scheduler=self.scheduler.state_dict(), rng=ckpt.rng_state(), counters=dict(self.counters))
+            self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, state, self.param_order,
+                                                        keep=self.cfg.train.keep_checkpoints)
+        barrier(self.info)
+
+    def _finish(self, eval_metrics: dict[str, float] | None) -> TrainResult:
+        c = self.counters
+        result = TrainResult(
+            run_dir=self.run_dir, steps=self.total_steps, train_loss=c["last_loss"],
+            eval_loss=eval_metrics["eval_loss"] if eval_metrics else None, tokens=int(c["tokens"]),
+            target_tokens=int(c["target_tokens"]), seconds=c["seconds"],
+            tokens_per_s=c["tokens"] / c["seconds"] if c["seconds"] else 0.0, peak_rss_mb=peak_rss_mb(),
+            trainable_params=self.handle.num_trainable(), total_params=self.total_params,
+        )
+        if self.info.is_main:
+            atomic_write_bytes(self.run_dir / ADAPTER_FILE, st_save(
+                {k: v.contiguous() for k, v in self.handle.state_dict().items()},
+                metadata={"method": self.handle.name, "format": "tunelab"}))
+            if hasattr(self.method, "export"):
+                self.method.export(self.handle, self.run_dir / "peft", self.base_id)
+            metrics = {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"}
+            self._write_meta("complete", metrics=metrics)
+        barrier(self.info)
+        return result
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
+    if not path.is_file():
+        return
+    import json
+
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def train(cfg: RunConfig, *, resume: bool = False, model: Any = None, tokenizer: Any = None) -> TrainResult:
+    """Train ``cfg`` (any registered method) and write the run directory; see the module docstring."""
+    return Trainer(cfg, resume=resume, model=model, tokenizer=tokenizer).run()

@@ -1,0 +1,200 @@
+"""The invariants matrix: one row per registered method configuration, the same checks on every row.
+
+Checks: output unchanged at init (where the method claims it); merged == unmerged; disabled == base; only the
+method's parameters receive gradients and change after a step; save -> load round trip; trainable-parameter count
+equals the closed form written here from the paper's formula (independent of the method's own counter).
+Where a property does not apply the row says why, and the check asserts that the method refuses it clearly.
+Every check runs on a tiny Llama and a tiny GPT-2.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load, save
+
+from tunelab.methods import REGISTRY, build_method_config, get_method
+from tunelab.methods.core import MethodError
+from tunelab.train.objective import nll_sum
+
+from conftest import batch_for, tiny
+
+ARCHS = ["tiny-llama", "tiny-gpt2"]
+
+
+def _linear_dims(cfg) -> dict[str, tuple[int, int]]:
+    """(d_in, d_out) of each decoder linear of one layer, from the model config (written independently)."""
+    h = cfg.hidden_size
+    if cfg.model_type == "gpt2":
+        i = cfg.n_inner or 4 * h
+        return {"c_attn": (h, 3 * h), "c_proj": (h, h), "c_fc": (h, i), "mlp.c_proj": (i, h)}
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    i = cfg.intermediate_size
+    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def lora_closed_form(r: int, which: Callable[[str], bool] = lambda _: True) -> Callable[[Any], int]:
+    def count(model) -> int:
+        cfg = model.config
+        per_layer = sum(r * (a + b) for k, (a, b) in _linear_dims(cfg).items() if which(k))
+        return per_layer * cfg.num_hidden_layers
+    return count
+
+
+def full_closed_form(model) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+@dataclass
+class Row:
+    id: str
+    method: str
+    options: dict[str, Any]
+    closed_form: Callable[[Any], int]
+    identity_at_init: bool = True
+    mergeable: bool = True
+    mergeable_why: str = ""
+    disable: bool = True
+    disable_why: str = ""
+    atol: float = 1e-5
+    archs: list[str] = field(default_factory=lambda: list(ARCHS))
+
+
+def _qv(name: str) -> bool:
+    return name in ("q_proj", "v_proj")
+
+
+ROWS = [
+    Row("full", "full", {}, full_closed_form, mergeable=False,
+        mergeable_why="full tuning writes into the base weights: nothing separate to merge",
+        disable=False, disable_why="no base copy is kept: disabling would need a second model in memory"),
+    Row("lora-all-linear", "lora", {"r": 4, "alpha": 8}, lora_closed_form(4)),
+    Row("lora-qv-rslora-gaussian", "lora",
+        {"r": 2, "alpha": 4, "targets": ["q_proj", "v_proj"], "rslora": True, "init": "gaussian"},
+        lora_closed_form(2, _qv), archs=["tiny-llama"]),
+    Row("lora-regex-dropout", "lora", {"r": 3, "alpha": 3, "targets": r".*\.mlp\..*", "dropout": 0.1},
+        lora_closed_form(3, lambda k: k in ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj"))),
+]
+
+CASES = [pytest.param(row, arch, id=f"{row.id}-{arch}") for row in ROWS for arch in row.archs]
+
+
+def test_every_registered_method_has_a_row():
+    assert {r.method for r in ROWS} == set(REGISTRY)
+
+
+def _setup(row: Row, arch: str):
+    model, tok = tiny(arch)
+    batch = batch_for(tok)
+    with torch.no_grad():
+        base_logits = model(**batch).logits
+    module = get_method(row.method)
+    cfg = build_method_config({"name": row.method, **row.options})
+    handle = module.apply(model, cfg)
+    model.eval()  # dropout off: the checks compare outputs
+    return model, tok, batch, base_logits, handle, cfg
+
+
+def _perturb(handle, seed: int = 0) -> None:
+    """Give every trainable parameter a random non-trivial value (LoRA's B starts at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in handle.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+@pytest.mark.parametrize(("row", "arch"), CASES)
+def test_identity_at_init(row, arch):
+    model, _, batch, base_logits, _, _ = _setup(row, arch)
+    if row.identity_at_init:
+        torch.testing.assert_close(_logits(model, batch), base_logits, atol=row.atol, rtol=0)
+
+
+@pytest.mark.parametrize(("row", "arch"), CASES)
+def test_merged_equals_unmerged(row, arch):
+    model, _, batch, _, handle, _ = _setup(row, arch)
+    _perturb(handle)
+    if not row.mergeable:
+        assert not handle.supports_merge
+        with pytest.raises(MethodError, match="cannot merge"):
+            handle.merge()
+        return
+    adapted = _logits(model, batch)
+    handle.merge()
+    torch.testing.assert_close(_logits(model, batch), adapted, atol=row.atol, rtol=1e-4)
+    handle.unmerge()
+    torch.testing.assert_close(_logits(model, batch), adapted, atol=row.atol, rtol=1e-4)
+    plain = handle.merge_and_unload()
+    assert not any("lora" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(_logits(plain, batch), adapted, atol=row.atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("row", "arch"), CASES)
+def test_disabled_equals_base(row, arch):
+    model, _, batch, base_logits, handle, _ = _setup(row, arch)
+    _perturb(handle)
+    if not row.disable:
+        assert row.disable_why
+        return
+    adapted = _logits(model, batch)
+    assert not torch.allclose(adapted, base_logits, atol=1e-4), "perturbed method should change the output"
+    with handle.disabled():
+        torch.testing.assert_close(_logits(model, batch), base_logits, atol=row.atol, rtol=0)
+    torch.testing.assert_close(_logits(model, batch), adapted, atol=row.atol, rtol=0)
+    handle.remove()
+    torch.testing.assert_close(_logits(model, batch), base_logits, atol=row.atol, rtol=0)
+
+
+@pytest.mark.parametrize(("row", "arch"), CASES)
+def test_only_method_parameters_train(row, arch):
+    model, tok, batch, _, handle, _ = _setup(row, arch)
+    model.train()
+    _perturb(handle)
+    trainable = handle.trainable_parameters()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    total, count = nll_sum(model, {**batch, "labels": labels})
+    (total / count).backward()
+    opt = torch.optim.SGD(trainable.values(), lr=0.1)
+    for n, p in model.named_parameters():
+        if n in trainable:
+            assert p.grad is not None and p.grad.abs().sum() > 0, f"{n} got no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"
+    opt.step()
+    for n, p in model.named_parameters():
+        changed = not torch.equal(p, before[n])
+        assert changed == (n in trainable), f"{n}: changed={changed}, trainable={n in trainable}"
+
+
+@pytest.mark.parametrize(("row", "arch"), CASES)
+def test_save_load_round_trip(row, arch):
+    model, _, batch, _, handle, cfg = _setup(row, arch)
+    _perturb(handle, seed=3)
+    expected = _logits(model, batch)
+    blob = save({k: v.contiguous() for k, v in handle.state_dict().items()})
+    fresh, _ = tiny(arch)
+    handle2 = get_method(row.method).apply(fresh, copy.deepcopy(cfg))
+    fresh.eval()
+    handle2.load_state_dict(load(blob))
+    torch.testing.assert_close(_logits(fresh, batch), expected, atol=row.atol, rtol=0)
+
+
+@pytest.mark.parametrize(("row", "arch"), CASES)
+def test_parameter_count_closed_form(row, arch):
+    model, _, _, _, handle, cfg = _setup(row, arch)
+    fresh, _ = tiny(arch)
+    expected = row.closed_form(fresh)
+    assert handle.num_trainable() == expected
+    assert get_method(row.method).num_parameters(fresh, cfg) == expected

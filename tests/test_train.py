@@ -1,0 +1,186 @@
+"""The training loop: loss normalisation, schedules, runs on disk, resume after a kill, divergence, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tunelab.config import config_from_dict
+from tunelab.runs import RunError, load_run
+from tunelab.train.loop import TrainingDiverged, train
+from tunelab.train.objective import nll_sum
+from tunelab.train.schedules import lr_factor
+
+from conftest import REPO, tiny
+
+
+def cfg_dict(tmp_path: Path, **over) -> dict:
+    d = {
+        "model": {"name": "tiny-llama", "dtype": "fp32"},
+        "method": {"name": "lora", "r": 4, "alpha": 8},
+        "data": {"train": "synthetic:arith:train:64", "template": "plain", "max_length": 64, "group_by_length": False},
+        "train": {"lr": 1e-2, "max_steps": 4, "batch_size": 4, "seed": 1, "progress": False, "warmup_steps": 1},
+        "output_dir": str(tmp_path / "run"),
+    }
+    for key, value in over.items():
+        section, _, name = key.partition("__")
+        if name:
+            d[section][name] = value
+        else:
+            d[section] = value
+    return d
+
+
+def test_schedule_shapes():
+    assert lr_factor(0, 10, 2, "cosine") == 0.5
+    assert lr_factor(1, 10, 2, "cosine") == 1.0
+    assert lr_factor(2, 10, 2, "cosine") == pytest.approx(1.0)
+    assert lr_factor(6, 10, 2, "cosine") == pytest.approx(0.5)
+    assert lr_factor(10, 10, 2, "cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(6, 10, 2, "linear") == pytest.approx(0.5)
+    assert lr_factor(9, 10, 0, "constant") == 1.0
+
+
+def test_nll_sum_equals_cross_entropy_on_full_logits():
+    model, tok = tiny()
+    enc = tok(["abc def", "a much longer example text"], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    labels[0, :3] = -100
+    total, n = nll_sum(model, {**enc, "labels": labels})
+    logits = model(**enc).logits[:, :-1]
+    ref = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                            ignore_index=-100, reduction="sum")
+    torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)
+    assert n == int((labels[:, 1:] != -100).sum())
+
+
+def test_grad_accumulation_normalises_by_all_target_tokens(tmp_path):
+    """bs=4 × ga=1, bs=2 × ga=2 and bs=1 × ga=4 see the same examples per step: same weights after 3 steps."""
+    weights = []
+    for bs, ga in [(4, 1), (2, 2), (1, 4)]:
+        cfg = config_from_dict(cfg_dict(tmp_path / f"{bs}x{ga}", train__batch_size=bs, train__grad_accum=ga,
+                                        train__max_steps=3))
+        res = train(cfg)
+        weights.append(load_file(str(res.run_dir / "adapter.safetensors")))
+    for other in weights[1:]:
+        for k in weights[0]:
+            torch.testing.assert_close(other[k], weights[0][k], atol=2e-5, rtol=1e-4)
+
+
+def test_run_directory_and_load_back(tmp_path):
+    res = train(config_from_dict(cfg_dict(tmp_path, data__eval="synthetic:arith:dev:16")))
+    run = res.run_dir
+    meta = json.loads((run / "meta.json").read_text())
+    assert meta["status"] == "complete" and meta["method"] == "lora" and meta["base_fingerprint"]
+    assert meta["trainable_params"] == res.trainable_params > 0
+    assert (run / "config.yaml").is_file() and (run / "peft" / "adapter_config.json").is_file()
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert any("eval_loss" in r for r in rows) and res.eval_loss is not None
+    model, tok, handle, _ = load_run(run)
+    saved = load_file(str(run / "adapter.safetensors"))
+    for k, v in handle.state_dict().items():
+        torch.testing.assert_close(v, saved[k])
+
+
+def test_refuses_a_different_base_model(tmp_path):
+    res = train(config_from_dict(cfg_dict(tmp_path)))
+    with pytest.raises(RunError, match="fingerprint"):
+        load_run(res.run_dir, base="tiny-gpt2")
+
+
+def test_existing_run_dir_needs_resume(tmp_path):
+    train(config_from_dict(cfg_dict(tmp_path)))
+    with pytest.raises(RunError, match="--resume"):
+        train(config_from_dict(cfg_dict(tmp_path)))
+
+
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+    model, tok = tiny()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("inf"))
+    cfg = config_from_dict(cfg_dict(tmp_path))
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 1; last good checkpoint: none"):
+        train(cfg, model=model, tokenizer=tok)
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["status"] == "failed" and not (tmp_path / "run" / "adapter.safetensors").exists()
+    with pytest.raises(RunError, match="did not complete"):
+        load_run(tmp_path / "run")
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "tunelab.cli", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _write_cfg(tmp_path: Path, name: str, steps: int) -> Path:
+    import yaml
+
+    d = cfg_dict(tmp_path, output_dir=str(tmp_path / name), train__max_steps=steps, train__save_every=1,
+                 train__threads=1, method={"name": "lora", "r": 4, "alpha": 8, "dropout": 0.1})
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(d))
+    return path
+
+
+def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
+    steps = 30
+    full = _cli(["train", str(_write_cfg(tmp_path, "straight", steps))])
+    killed = _cli(["train", str(_write_cfg(tmp_path, "killed", steps))])
+    kill_after = random.Random().randint(2, steps - 10)
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        done = [p for p in ckpts.glob("step-*")] if ckpts.is_dir() else []
+        if any(int(p.name.split("-")[1]) >= kill_after for p in done):
+            break
+        time.sleep(0.02)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "adapter.safetensors").exists()
+    resumed = _cli(["train", str(tmp_path / "killed.yaml"), "--resume"])
+    out_resumed, _ = resumed.communicate(timeout=300)
+    out_full, _ = full.communicate(timeout=300)
+    assert resumed.returncode == 0, out_resumed
+    assert full.returncode == 0, out_full
+    a = load_file(str(tmp_path / "straight" / "adapter.safetensors"))
+    b = load_file(str(tmp_path / "killed" / "adapter.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume (killed after step {kill_after})"
+    rows = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
+
+
+def test_ddp_two_processes_match_one_process(tmp_path):
+    """2 processes × grad_accum 1 vs 1 process × grad_accum 2 at the same global batch: same loss curve."""
+    import yaml
+
+    curves = {}
+    for name, nproc, ga in [("one", 1, 2), ("two", 2, 1)]:
+        d = cfg_dict(tmp_path, output_dir=str(tmp_path / name), train__max_steps=5, train__grad_accum=ga,
+                     train__batch_size=2, train__threads=1)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(d))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(29500 + random.randint(0, 400)), "-m", "tunelab.cli", "train", str(path)]
+        out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert out.returncode == 0, out.stdout + out.stderr
+        rows = [json.loads(x) for x in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        curves[name] = [r["loss"] for r in rows if "loss" in r]
+        assert json.loads((tmp_path / name / "meta.json").read_text())["world_size"] == nproc
+    assert len(curves["one"]) == 5
+    for a, b in zip(curves["one"], curves["two"], strict=True):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
