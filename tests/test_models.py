@@ -74,6 +74,26 @@ def test_tiny_models_load(name: str, dtype: str) -> None:
     assert logits.shape == (1, 8, len(tokenizer)) and torch.isfinite(logits.float()).all()
 
 
+def test_sdpa_falls_back_where_unsupported() -> None:
+    calls = []
+
+    def factory(*args, **kwargs):
+        calls.append(kwargs.get("attn_implementation"))
+        if kwargs.get("attn_implementation") == "sdpa":  # transformers' own wording
+            raise ValueError(
+                "X does not support an attention implementation through torch.nn.functional.scaled_dot_product_attention yet."
+            )
+        return "model"
+
+    assert models._with_sdpa(factory, 1) == "model" and calls == ["sdpa", None]
+
+    def broken(**kwargs):
+        raise ValueError("some other problem")
+
+    with pytest.raises(ValueError, match="other problem"):  # unrelated errors are not swallowed
+        models._with_sdpa(broken)
+
+
 def test_tiny_llama_shape() -> None:
     config = TINY_MODELS["tiny-llama"]()
     assert (config.num_key_value_heads, config.intermediate_size, config.max_position_embeddings) == (
@@ -211,6 +231,26 @@ def test_local_dir_round_trip(tmp_path, no_network: list[tuple]) -> None:
     assert loaded_tokenizer.pad_token == "<|pad|>" and not loaded.training
     assert loaded.tunelab_spec == str(tmp_path)
     assert describe_spec(str(tmp_path)) == str(tmp_path.resolve())
+    assert no_network == []
+
+
+def test_cached_hub_id_loads_from_snapshot(tmp_path, monkeypatch, no_network: list[tuple]) -> None:
+    from huggingface_hub import constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tunelab-test--tiny"
+    snapshot = repo / "snapshots" / commit
+    model, tokenizer = load_model("tiny-gpt2", "fp32")
+    model.save_pretrained(snapshot)
+    tokenizer.save_pretrained(snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    loaded, _ = load_model("tunelab-test/tiny", "fp32")
+    assert (
+        model_fingerprint(loaded) == model_fingerprint(model) and loaded.tunelab_spec == "tunelab-test/tiny"
+    )
+    assert describe_spec("tunelab-test/tiny") == f"tunelab-test/tiny@{commit}"
     assert no_network == []
 
 

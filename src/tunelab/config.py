@@ -92,6 +92,7 @@ class TrainSection:
     keep_checkpoints: int = 2
     log_every: int = 1
     threads: int | None = None
+    compile: bool = False  # torch.compile each decoder block (dynamic shapes): ~40 s once, then faster steps
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -10,7 +10,7 @@ from tunelab.config import config_from_dict
 from tunelab.data import generate as synthetic
 from tunelab.data import render_prompt
 
-DEMO_TASK = "arith"
+DEMO_TASK = "date-format"
 DEMO_TEMPLATE = "chat"
 
 
@@ -44,21 +44,23 @@ def demo_config(model: str, steps: int, output_dir: str, task: str = DEMO_TASK) 
 def run_demo(model: str = "smollm2-135m", steps: int | None = None, output_dir: str | None = None,
              n_test: int = 48, task: str = DEMO_TASK, show: int = 4) -> dict[str, Any]:
     """The main job end to end; returns the before/after scores."""
-    from tunelab.models import load_model
+    from tunelab.models import load_model, resolve_dtype
     from tunelab.train.loop import train
 
     t0 = time.perf_counter()
     steps = steps or 120
     output_dir = output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[demo] loading {model} ...", flush=True)
-    base, tokenizer = load_model(model)
+    # Score in fp32 (greedy decoding in bf16 can depend on the batch composition), train in bf16 with fp32 LoRA.
+    base, tokenizer = load_model(model, "fp32")
     test = synthetic(task, "test", n_test, seed=0)
     print(f"[demo] task '{task}': {n_test} held-out test problems, e.g. {test[0].instruction!r} -> {test[0].output!r}")
     before, before_out = score(base, tokenizer, test, DEMO_TEMPLATE)
     print(f"[demo] before fine-tuning: exact match {100 * before:.1f}%", flush=True)
     cfg = config_from_dict(demo_config(model, steps, output_dir, task))
-    result = train(cfg, model=base, tokenizer=tokenizer)
-    after, after_out = score(base, tokenizer, test, DEMO_TEMPLATE)
+    train_dtype = resolve_dtype("auto")
+    result = train(cfg, model=base.to(train_dtype), tokenizer=tokenizer)
+    after, after_out = score(base.float(), tokenizer, test, DEMO_TEMPLATE)
     print(f"[demo] after LoRA ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
           f"{result.trainable_params:,} trainable parameters): exact match {100 * after:.1f}%\n")
     for r, b, a in list(zip(test, before_out, after_out, strict=True))[:show]:

@@ -6,14 +6,16 @@
    once and cached as safetensors under ``$TUNELAB_CACHE/models/<alias>/`` (default ``~/.cache/tunelab``);
 2. a tiny random model for tests (``tiny-llama``, ``tiny-gpt2``), built in-process from a config with a
    byte-level tokenizer, identical on every load;
-3. a local Hugging Face directory (holding ``config.json``) or a path to a ``.gguf`` file;
-4. a Hub id ``org/name`` that is already in the local Hugging Face cache (nothing is ever downloaded).
+3. a local Hugging Face directory (holding ``config.json``);
+4. a path to a ``.gguf`` file (dequantised on every load; not cached);
+5. a Hub id ``org/name`` that is already in the local Hugging Face cache (nothing is ever downloaded).
 
 Names win over paths: to load a local directory called ``tiny-llama`` write ``./tiny-llama``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import importlib.metadata
@@ -266,7 +268,7 @@ def _with_sdpa(factory: Callable[..., PreTrainedModel], *args: Any, **kwargs: An
     try:
         return factory(*args, attn_implementation="sdpa", **kwargs)
     except ValueError as err:
-        if "sdpa" not in str(err).lower():
+        if not any(word in str(err) for word in ("sdpa", "scaled_dot_product_attention")):
             raise
         return factory(*args, **kwargs)
 
@@ -505,7 +507,7 @@ def _publish(temp: Path, cache: Path, stamp: dict[str, Any]) -> None:
     if _read_stamp(cache) == stamp:  # a concurrent writer published the same conversion meanwhile
         return
     old = cache.parent / f".{cache.name}.old-{os.getpid()}-{time.time_ns()}"
-    if cache.exists():
+    with contextlib.suppress(FileNotFoundError):  # no previous cache, or a concurrent writer moved it
         os.replace(cache, old)
     try:
         os.rename(temp, cache)

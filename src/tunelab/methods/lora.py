@@ -82,8 +82,10 @@ class LoraLinear(nn.Module):
         y = self.base_layer(x)
         if not self.enabled or self.merged:
             return y
-        a = self.lora_A
-        h = F.linear(F.linear(self.dropout(x).to(a.dtype), a), self.lora_B)
+        x = self.dropout(x)
+        if torch.is_autocast_enabled(x.device.type):  # autocast already runs both matmuls in bf16
+            return torch.add(y, F.linear(F.linear(x, self.lora_A), self.lora_B), alpha=self.scaling)
+        h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
         return y + (h * self.scaling).to(y.dtype)
 
     @torch.no_grad()

@@ -87,10 +87,24 @@ def autocast_context(mode: str, model_dtype: torch.dtype, device: torch.device) 
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def compile_blocks(model: nn.Module) -> int:
+    """torch.compile every repeated transformer block (the classes in ``model._no_split_modules``).
+
+    Compiling the blocks rather than the whole model keeps one compiled graph for all layers (compile once,
+    ~40 s for SmolLM2 on 2 cores) and fuses the many small element-wise kernels of norms, rotary embeddings,
+    activations and adapters. Shapes are dynamic so varying sequence lengths do not recompile.
+    """
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
 def config_hash(cfg: RunConfig) -> str:
     """Fingerprint of everything that decides the trained weights (the progress bar setting does not)."""
     data = cfg.to_dict()
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "threads", "log_every")}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "threads", "log_every", "compile")}
     return hashlib.blake2b(repr(data).encode(), digest_size=8).hexdigest()
 
 
@@ -141,6 +155,8 @@ class Trainer:
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.plan.batches_in_epoch() / per_step))
         self.warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
         self._build_optimizer()
+        if t.compile:
+            compile_blocks(self.model)
         self.forward = LossModule(self.model)
         if self.info.enabled:
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, find_unused_parameters=False)

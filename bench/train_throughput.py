@@ -1,0 +1,668 @@
+"""Training throughput and peak memory of tunelab against a plain transformers/peft loop, on the embedded model.
+
+    python bench/train_throughput.py [--steps N] [--only NAME,NAME] [--out results.json] [--repeats R]
+
+Every configuration runs in a fresh child process (``--worker NAME``) so that its peak RSS is its own; the parent
+imports only the standard library (see ``bench/common.py`` for why that matters). All configurations train on the
+same token ids: 8 rows x 128 tokens per step, the first 64 tokens of each row a prompt (label -100) and the last 64
+the response. Progress goes to stderr; the JSON result goes to stdout (and to ``--out``). See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from common import (
+    RESULT_PREFIX,
+    cpu_sample,
+    environment,
+    foreign_cpu,
+    load_average,
+    median,
+    model_flops,
+    proc_status_mib,
+    ratio,
+    read_jsonl,
+    rounded,
+    ru_maxrss_mib,
+    spread,
+    wait_for_idle,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m"
+BATCH, SEQ_LEN, PROMPT_LEN = 8, 128, 64
+RESPONSE_LEN = SEQ_LEN - PROMPT_LEN  # response words + EOS
+LORA = {"r": 8, "alpha": 16, "targets": "all-linear"}
+LR = {"full": 1e-5, "lora": 2e-4}
+CLEAN_FOREIGN_CORES = 0.25  # a step is "clean" when other processes used fewer cores than this
+TARGETS = {"lora_tokens_per_s_vs_peft": 2.0, "lora_peak_rss_vs_peft_max": 0.6, "full_tokens_per_s_vs_plain": 1.5}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One benchmarked configuration."""
+
+    kind: str  # "tunelab" | "peft" | "plain"
+    method: str  # "full" | "lora"
+    description: str
+    dtype: str = "auto"  # model load dtype
+    autocast: bool = False  # peer loops only; tunelab decides itself (auto: bf16 autocast with bf16 weights)
+    compile: bool = False  # tunelab only: train.compile
+
+
+CONFIGS: dict[str, Spec] = {
+    "tunelab-full": Spec("tunelab", "full", "tunelab loop, full tuning, dtype auto (bf16 frozen copy; trainable "
+                                            "weights fp32 + bf16 autocast)"),
+    "tunelab-lora": Spec("tunelab", "lora", "tunelab loop, LoRA r=8 alpha=16 all-linear, dtype auto (bf16 base, "
+                                            "fp32 adapters, bf16 autocast)"),
+    "tunelab-full-compile": Spec("tunelab", "full", "as tunelab-full with train.compile: true", compile=True),
+    "tunelab-lora-compile": Spec("tunelab", "lora", "as tunelab-lora with train.compile: true", compile=True),
+    "peft-lora-fp32": Spec("peft", "lora", "peft LoRA r=8 alpha=16 all-linear on the fp32 model, plain loop",
+                           dtype="fp32"),
+    "peft-lora-bf16": Spec("peft", "lora", "peft LoRA on the bf16 model (adapters as peft creates them), forward "
+                                           "under bf16 autocast", dtype="bf16", autocast=True),
+    "plain-full-fp32": Spec("plain", "full", "transformers + torch loop, full tuning, fp32", dtype="fp32"),
+    "plain-full-bf16autocast": Spec("plain", "full", "transformers + torch loop, full tuning, fp32 weights, "
+                                                     "forward under bf16 autocast", dtype="fp32", autocast=True),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ============================================================================================================
+# Workers (run in child processes; these import torch)
+# ============================================================================================================
+
+
+class Probes:
+    """Global hooks that need no access to the training loop's internals.
+
+    * at the first module forward: RSS after model load, method set-up and data preparation;
+    * after every optimizer step: the peak RSS so far (the training phase, before any final saving), and a CPU
+      sample from which the cores used by other processes during that step are estimated (the machine is shared).
+    """
+
+    def __init__(self) -> None:
+        from torch.nn.modules.module import register_module_forward_pre_hook
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.rss_before_training: float | None = None
+        self.peak_after_steps: list[float] = []
+        self.samples: list[tuple[float, float, float]] = []
+        self._pre = register_module_forward_pre_hook(self._first_forward)
+        self._post = register_optimizer_step_post_hook(self._after_step)
+
+    def _first_forward(self, *_: Any) -> None:
+        self.rss_before_training = proc_status_mib("VmRSS")
+        self.samples.append(cpu_sample())
+        self._pre.remove()
+
+    def _after_step(self, *_: Any) -> None:
+        self.samples.append(cpu_sample())
+        self.peak_after_steps.append(proc_status_mib("VmHWM") or ru_maxrss_mib())
+
+    def close(self) -> dict[str, Any]:
+        self._post.remove()
+        foreign = [foreign_cpu(a, b) for a, b in itertools.pairwise(self.samples)]
+        return {"rss_before_training_mib": self.rss_before_training,
+                "peak_rss_train_mib": self.peak_after_steps[-1] if self.peak_after_steps else None,
+                "foreign_cpu_cores": foreign}
+
+
+def memory_report(probes: Probes) -> dict[str, Any]:
+    return {**probes.close(), "peak_rss_mib": ru_maxrss_mib(), "vm_hwm_mib": proc_status_mib("VmHWM")}
+
+
+def worker_prepare(workdir: Path, steps: int) -> dict[str, Any]:
+    """Write the shared data (JSONL records for tunelab, token ids for the peer loops); describe the model."""
+    import dataclasses
+
+    import torch
+
+    from tunelab.config import TrainSection
+    from tunelab.data import tokenize_records
+    from tunelab.models import load_model
+
+    model, tokenizer = load_model(MODEL)
+    records = build_records(tokenizer, BATCH * steps)
+    examples, stats = tokenize_records(records, tokenizer, template="plain", max_length=SEQ_LEN)
+    lengths = {len(e.input_ids) for e in examples}
+    targets = {sum(t != -100 for t in e.labels[1:]) for e in examples}
+    if lengths != {SEQ_LEN} or targets != {RESPONSE_LEN} or stats.n_truncated:
+        raise RuntimeError(f"synthetic data is off: lengths {lengths}, targets {targets}, {stats}")
+    with open(workdir / "records.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps({"instruction": r.instruction, "input": "", "output": r.output}) + "\n")
+    (workdir / "tokens.json").write_text(json.dumps([[e.input_ids, e.labels] for e in examples]))
+    return {
+        "model": describe_model(model),
+        "model_dtype_auto": str(next(model.parameters()).dtype),
+        "compile_available": "compile" in {f.name for f in dataclasses.fields(TrainSection)},
+        "torch_threads": torch.get_num_threads(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "data": {"examples": len(examples), "tokens_per_row": SEQ_LEN, "prompt_tokens": PROMPT_LEN,
+                 "response_tokens_incl_eos": RESPONSE_LEN, "target_positions_per_row": RESPONSE_LEN,
+                 "template": "plain"},
+    }
+
+
+def build_records(tokenizer: Any, n: int, seed: int = 0) -> list[Any]:
+    """``n`` records of random vocabulary words whose prompt and response are exactly PROMPT_LEN and
+    RESPONSE_LEN tokens (response including the EOS tunelab appends), checked with tunelab's own tokenisation."""
+    import random
+
+    from tunelab.data import Record, encode_prompts
+
+    pool = single_token_words(tokenizer)
+    rng = random.Random(seed)
+
+    def prompt_len(text: str) -> int:
+        return len(encode_prompts([Record(text, "", "x")], tokenizer, template="plain")[0])
+
+    def response_len(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
+
+    return [Record(fit_text(rng, pool, prompt_len, PROMPT_LEN), "", fit_text(rng, pool, response_len, RESPONSE_LEN),
+                   line=i + 1) for i in range(n)]
+
+
+def single_token_words(tokenizer: Any) -> list[str]:
+    """Lower-case words that are one token with a leading space ('Ġword' in the byte-level vocabulary)."""
+    words = sorted(tok[1:] for tok in tokenizer.get_vocab() if tok.startswith("Ġ") and tok[1:].isascii()
+                   and tok[1:].isalpha() and tok[1:].islower() and 3 <= len(tok) - 1 <= 8)
+    ids = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
+    return [w for w, i in zip(words, ids, strict=True) if len(i) == 1]
+
+
+def fit_text(rng: Any, pool: list[str], count: Any, target: int) -> str:
+    """Random words, added or removed one at a time until ``count(text) == target``."""
+    words = [rng.choice(pool) for _ in range(target - 2)]
+    for _ in range(10 * target):
+        n = count(" ".join(words))
+        if n == target:
+            return " ".join(words)
+        if n < target:
+            words.append(rng.choice(pool))
+        else:
+            words.pop()
+    raise RuntimeError(f"could not build a text of exactly {target} tokens")
+
+
+def describe_model(model: Any) -> dict[str, Any]:
+    """The shapes that FLOP accounting needs, read from the loaded model."""
+    from torch import nn
+
+    body = model.get_decoder()
+    linears = [m for m in body.modules() if isinstance(m, nn.Linear)]
+    head = model.get_output_embeddings()
+    cfg = model.config
+    return {
+        "name": MODEL,
+        "layers": cfg.num_hidden_layers,
+        "hidden": cfg.hidden_size,
+        "intermediate": cfg.intermediate_size,
+        "vocab": cfg.vocab_size,
+        "seq_len": SEQ_LEN,
+        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
+        "body_matmul_params": sum(m.weight.numel() for m in linears),
+        "lm_head_params": head.weight.numel(),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "linear_shapes": sorted({(m.in_features, m.out_features) for m in linears}),
+    }
+
+
+MM_SHAPES = [  # (name, rows M, in K, out N, count per forward pass for the FLOP mix)
+    ("q_proj,o_proj 576->576", 1024, 576, 576, 60),
+    ("k_proj,v_proj 576->192", 1024, 576, 192, 60),
+    ("gate_proj,up_proj 576->1536", 1024, 576, 1536, 60),
+    ("down_proj 1536->576", 1024, 1536, 576, 30),
+    ("lm_head 576->49152 (512 rows)", 512, 576, 49152, 1),
+]
+
+
+def worker_matmul() -> dict[str, Any]:
+    """Best achieved TFLOP/s of torch.mm at the model's shapes, bf16 (and fp32 for reference)."""
+    import torch
+
+    start = cpu_sample()
+    out: dict[str, Any] = {"threads": torch.get_num_threads(), "shapes": {}}
+    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        flops_mix, seconds_mix, best = 0.0, 0.0, 0.0
+        for name, m, k, n, count in MM_SHAPES:
+            tflops = time_mm(torch, m, k, n, dtype)
+            out["shapes"].setdefault(name, {})[f"{dtype_name}_tflops"] = tflops
+            flops = 2 * m * k * n * count
+            flops_mix, seconds_mix = flops_mix + flops, seconds_mix + flops / (tflops * 1e12)
+            best = max(best, tflops)
+        out[f"peak_{dtype_name}_tflops"] = best
+        out[f"mix_{dtype_name}_tflops"] = flops_mix / seconds_mix / 1e12
+    out["foreign_cpu_cores"] = foreign_cpu(start, cpu_sample())
+    return out
+
+
+def time_mm(torch: Any, m: int, k: int, n: int, dtype: Any, trials: int = 5) -> float:
+    """TFLOP/s of the fastest of ``trials`` timings of x @ W.T (W stored [out, in], as nn.Linear)."""
+    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
+    wt = w.t()
+    for _ in range(3):
+        torch.mm(x, wt)
+    t0 = time.perf_counter()
+    torch.mm(x, wt)
+    reps = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
+    best = float("inf")
+    for _ in range(trials):
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            torch.mm(x, wt)
+        best = min(best, (time.perf_counter() - t0) / reps)
+    return 2 * m * k * n / best / 1e12
+
+
+def worker_tunelab(spec: Spec, workdir: Path, name: str, steps: int) -> dict[str, Any]:
+    """tunelab.train.loop.train on the shared JSONL; step times from the run's metrics.jsonl."""
+    from tunelab.config import config_from_dict
+    from tunelab.train.loop import train
+
+    method = {"name": "full"} if spec.method == "full" else {"name": "lora", **LORA}
+    train_section: dict[str, Any] = {"max_steps": steps, "batch_size": BATCH, "lr": LR[spec.method],
+                                     "progress": False, "log_every": 1, "seed": 0}
+    if spec.compile:
+        train_section["compile"] = True
+    run_dir = workdir / f"run-{name}"
+    cfg = config_from_dict({
+        "model": {"name": MODEL, "dtype": spec.dtype},
+        "method": method,
+        "data": {"train": str(workdir / "records.jsonl"), "template": "plain", "max_length": SEQ_LEN,
+                 "group_by_length": False},
+        "train": train_section,
+        "output_dir": str(run_dir),
+    })
+    probes = Probes()
+    t0 = time.perf_counter()
+    result = train(cfg)
+    wall = time.perf_counter() - t0
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "step_s" in r]
+    return {
+        "step_s": [r["step_s"] for r in rows], "tokens": [r["tokens"] for r in rows],
+        "loss": [r["loss"] for r in rows], "lm_head_positions": rows[0]["target_tokens"],
+        "trainable_params": result.trainable_params, "total_params": result.total_params,
+        "train_call_s": wall, "tunelab_reported_peak_rss_mib": result.peak_rss_mb, **memory_report(probes),
+    }
+
+
+def worker_peer(spec: Spec, workdir: Path, steps: int) -> dict[str, Any]:
+    """The idiomatic loop: model(..., labels=labels).loss.backward(); AdamW step; zero_grad."""
+    import torch
+
+    from tunelab.models import load_model
+
+    probes = Probes()
+    torch.manual_seed(0)
+    model, _ = load_model(MODEL, spec.dtype)
+    if spec.kind == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
+                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=LR[spec.method])
+    rows = json.loads((workdir / "tokens.json").read_text())
+    batches = [rows[i: i + BATCH] for i in range(0, len(rows), BATCH)]
+    step_s, losses = [], []
+    for step in range(steps):
+        batch = batches[step % len(batches)]
+        input_ids = torch.tensor([r[0] for r in batch])
+        labels = torch.tensor([r[1] for r in batch])
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16) if spec.autocast else contextlib.nullcontext():
+            out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        step_s.append(time.perf_counter() - t0)
+        losses.append(out.loss.detach().item())
+        log(f"  step {step + 1}/{steps}: {step_s[-1]:.3f} s, loss {losses[-1]:.4f}")
+    return {
+        "step_s": step_s, "tokens": [BATCH * SEQ_LEN] * steps, "loss": losses,
+        "lm_head_positions": BATCH * SEQ_LEN,  # transformers computes logits at every position
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "adapter_dtypes": sorted({str(p.dtype) for p in params}),
+        **memory_report(probes),
+    }
+
+
+def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
+    if name == "prepare":
+        return worker_prepare(workdir, steps)
+    if name == "matmul":
+        return worker_matmul()
+    spec = CONFIGS[name]
+    if spec.kind == "tunelab":
+        out = worker_tunelab(spec, workdir, name, steps)
+    else:
+        out = worker_peer(spec, workdir, steps)
+    import torch
+
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+# ============================================================================================================
+# Parent: run the children one after another, then summarise
+# ============================================================================================================
+
+
+def run_child(name: str, workdir: Path, steps: int, timeout: float) -> dict[str, Any]:
+    """Run ``--worker name`` in a fresh interpreter; its stderr is passed through, its result line parsed."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
+           "--steps", str(steps)]
+    load_before = load_average()
+    t0 = time.perf_counter()
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    result = None
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX):])
+            else:
+                tail.append(line.rstrip())
+                print(f"    {line}", end="", file=sys.stderr, flush=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    info = {"process_wall_s": time.perf_counter() - t0, "load_average_before": load_before,
+            "load_average_after": load_average()}
+    if rc != 0 or result is None:
+        return {"status": "failed", "returncode": rc, "error_tail": list(tail)[-8:], **info}
+    return {"status": "ok", **result, **info}
+
+
+def measure(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
+    """Step statistics from one child's per-step times, warm-up steps excluded."""
+    times, tokens = raw["step_s"], raw["tokens"]
+    warmup = min(warmup, max(len(times) - 1, 0))
+    measured = times[warmup:]
+    med = median(measured)
+    rates = [n / t for n, t in zip(tokens[warmup:], measured, strict=True)]
+    foreign = (raw.get("foreign_cpu_cores") or [])[warmup:len(times)]
+    clean = [r for r, f in zip(rates, foreign, strict=False) if f is not None and f < CLEAN_FOREIGN_CORES]
+    return {
+        "tokens_per_step": median(tokens[warmup:]),
+        "tokens_per_s": median(rates),
+        "tokens_per_s_clean_steps": median(clean),
+        "clean_steps": len(clean),
+        "foreign_cpu_cores": spread([f for f in foreign if f is not None]),
+        "step_s": spread(measured),
+        "measured_steps": len(measured),
+        "warmup_steps": warmup,
+        "warmup_s": sum(times[:warmup]),
+        "warmup_overhead_s": sum(times[:warmup]) - warmup * med if med is not None else None,
+    }
+
+
+PER_RUN_KEYS = ("peak_rss_mib", "peak_rss_train_mib", "vm_hwm_mib", "rss_before_training_mib", "process_wall_s")
+
+
+def combine(name: str, runs: list[dict[str, Any]], shapes: dict[str, Any], peak_tflops: float,
+            warmup: int) -> dict[str, Any]:
+    """Per-config result: medians across repeats of each repeat's median step statistics."""
+    spec = CONFIGS[name]
+    ok = [r for r in runs if r["status"] == "ok"]
+    entry: dict[str, Any] = {"description": spec.description, "status": "ok" if ok else "failed",
+                             "repeats_ok": len(ok), "repeats_failed": len(runs) - len(ok)}
+    if not ok:
+        entry["errors"] = [r.get("error_tail") for r in runs]
+        return entry
+    per_run = [measure(r, warmup) for r in ok]
+    first = ok[0]
+    flops = model_flops(shapes, full=spec.method == "full", loss_positions=first["lm_head_positions"],
+                        tokens=BATCH * SEQ_LEN, lora_params=first["trainable_params"] if spec.method == "lora" else 0)
+    step_med = median([m["step_s"]["median"] for m in per_run])
+    tflops = flops["total"] / step_med / 1e12
+    entry.update({
+        "tokens_per_s": median([m["tokens_per_s"] for m in per_run]),
+        "tokens_per_s_clean_steps": median([m["tokens_per_s_clean_steps"] for m in per_run
+                                            if m["tokens_per_s_clean_steps"] is not None]),
+        "clean_steps": sum(m["clean_steps"] for m in per_run),
+        "foreign_cpu_cores_median": median([m["foreign_cpu_cores"]["median"] for m in per_run
+                                            if m["foreign_cpu_cores"]["median"] is not None]),
+        "foreign_cpu_cores_max": max((m["foreign_cpu_cores"]["max"] for m in per_run
+                                      if m["foreign_cpu_cores"]["max"] is not None), default=None),
+        "step_s": {"median": step_med, "min": min(m["step_s"]["min"] for m in per_run),
+                   "max": max(m["step_s"]["max"] for m in per_run)},
+        "tokens_per_step": per_run[0]["tokens_per_step"],
+        "measured_steps_per_repeat": per_run[0]["measured_steps"],
+        "warmup_steps": per_run[0]["warmup_steps"],
+        "warmup_s": median([m["warmup_s"] for m in per_run]),
+        "warmup_overhead_s": median([m["warmup_overhead_s"] for m in per_run]),
+        **{k: median([r[k] for r in ok if r.get(k) is not None]) for k in PER_RUN_KEYS},
+        "trainable_params": first["trainable_params"], "total_params": first["total_params"],
+        "model_flops_per_step": flops["total"], "model_flops_terms": flops["terms"],
+        "lm_head_positions": flops["lm_head_positions"],
+        "achieved_tflops": tflops, "mfu_vs_measured_bf16_mm": tflops / peak_tflops if peak_tflops else None,
+        "loss_first_last": [first["loss"][0], first["loss"][-1]],
+        "torch_threads": first.get("torch_threads"),
+        "per_repeat": [{"tokens_per_s": m["tokens_per_s"], "step_s_median": m["step_s"]["median"],
+                        "peak_rss_mib": r["peak_rss_mib"], "all_step_s": r["step_s"],
+                        "foreign_cpu_cores": r.get("foreign_cpu_cores"), "idle_wait": r.get("idle_wait"),
+                        "load_average_before": r["load_average_before"]} for m, r in zip(per_run, ok, strict=True)],
+    })
+    for key in ("adapter_dtypes", "tunelab_reported_peak_rss_mib", "train_call_s"):
+        if key in first:
+            entry[key] = first[key]
+    return entry
+
+
+def _best(configs: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    done = [n for n in names if configs.get(n, {}).get("status") == "ok"]
+    return max(done, key=lambda n: configs[n]["tokens_per_s"]) if done else None
+
+
+def _compare(configs: dict[str, Any], mine: str, peers: tuple[str, ...], memory_vs: str | None) -> dict[str, Any]:
+    best = _best(configs, peers)
+    if configs.get(mine, {}).get("status") != "ok" or best is None:
+        return {"available": False}
+    a, b = configs[mine], configs[best]
+    out = {"vs": best, "tokens_per_s_ratio": ratio(a["tokens_per_s"], b["tokens_per_s"]),
+           "peak_rss_ratio": ratio(a["peak_rss_mib"], b["peak_rss_mib"]),
+           "peak_rss_train_ratio": ratio(a["peak_rss_train_mib"], b["peak_rss_train_mib"])}
+    if memory_vs and configs.get(memory_vs, {}).get("status") == "ok":
+        out[f"peak_rss_ratio_vs_{memory_vs}"] = ratio(a["peak_rss_mib"], configs[memory_vs]["peak_rss_mib"])
+        out[f"peak_rss_train_ratio_vs_{memory_vs}"] = ratio(a["peak_rss_train_mib"],
+                                                            configs[memory_vs]["peak_rss_train_mib"])
+    return out
+
+
+def ratios(configs: dict[str, Any]) -> dict[str, Any]:
+    peft, plain = ("peft-lora-fp32", "peft-lora-bf16"), ("plain-full-fp32", "plain-full-bf16autocast")
+    out: dict[str, Any] = {}
+    for suffix in ("", "-compile"):
+        out[f"tunelab-lora{suffix} vs best peft-lora"] = _compare(configs, f"tunelab-lora{suffix}", peft,
+                                                                  "peft-lora-fp32")
+        out[f"tunelab-full{suffix} vs best plain-full"] = _compare(configs, f"tunelab-full{suffix}", plain, None)
+    for key, value in out.items():
+        if value.get("available") is not False:
+            value["target_met"] = target_met(key, value)
+    return {k: v for k, v in out.items() if v.get("available") is not False or "compile" not in k}
+
+
+def target_met(key: str, value: dict[str, Any]) -> dict[str, bool | None]:
+    def at_least(x: float | None, bound: float) -> bool | None:
+        return None if x is None else x >= bound
+
+    if "lora" in key:
+        rss = value["peak_rss_ratio"]
+        return {"tokens_per_s >= 2x": at_least(value["tokens_per_s_ratio"], TARGETS["lora_tokens_per_s_vs_peft"]),
+                "peak_rss <= 0.6x": None if rss is None else rss <= TARGETS["lora_peak_rss_vs_peft_max"]}
+    return {"tokens_per_s >= 1.5x": at_least(value["tokens_per_s_ratio"], TARGETS["full_tokens_per_s_vs_plain"])}
+
+
+def select(only: str | None) -> list[str]:
+    if not only:
+        return list(CONFIGS)
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
+    return [n for n in CONFIGS if n in names]
+
+
+def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[str, Any]:
+    log(f"preparing data and model description in {workdir}")
+    prep = run_child("prepare", workdir, args.steps, args.timeout)
+    if prep["status"] != "ok":
+        raise SystemExit(f"data preparation failed: {prep}")
+    log("timing torch.mm at the model's shapes")
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
+    mm = [run_child("matmul", workdir, args.steps, args.timeout)]
+    skipped: dict[str, str] = {}
+    if not prep["compile_available"]:
+        skipped = {n: "TrainSection has no 'compile' field in this tunelab" for n in names if CONFIGS[n].compile}
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names if n not in skipped}
+    for rep in range(args.repeats):
+        for name in runs:
+            idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
+            log(f"repeat {rep + 1}/{args.repeats}: {name} ({args.steps} steps; idle check {idle})")
+            res = run_child(name, workdir, args.steps, args.timeout)
+            res["idle_wait"] = idle
+            runs[name].append(res)
+            if res["status"] == "ok":
+                log(f"  {name}: median step {median(res['step_s']):.3f} s, peak RSS {res['peak_rss_mib']:.0f} MiB")
+            else:
+                log(f"  {name} FAILED (rc {res['returncode']})")
+    log("timing torch.mm again (the machine is noisy)")
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
+    mm.append(run_child("matmul", workdir, args.steps, args.timeout))
+    return {"prep": prep, "mm": mm, "runs": runs, "skipped": skipped}
+
+
+def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
+    prep, mm, shapes = raw["prep"], [m for m in raw["mm"] if m["status"] == "ok"], raw["prep"]["model"]
+    peak = max((m["peak_bf16_tflops"] for m in mm), default=0.0)
+    configs: dict[str, Any] = {}
+    for name, runs in raw["runs"].items():
+        warmup = args.warmup_compile if CONFIGS[name].compile else args.warmup
+        configs[name] = combine(name, runs, shapes, peak, warmup)
+    for name, why in raw["skipped"].items():
+        configs[name] = {"description": CONFIGS[name].description, "status": "skipped", "note": why}
+    configs = {n: configs[n] for n in CONFIGS if n in configs}
+    return {
+        "benchmark": "train_throughput",
+        "settings": {"model": MODEL, "batch": BATCH, "seq_len": SEQ_LEN, "tokens_per_step": BATCH * SEQ_LEN,
+                     "prompt_tokens_per_row": PROMPT_LEN, "target_positions_per_row": RESPONSE_LEN,
+                     "steps": args.steps, "warmup_steps_excluded": args.warmup,
+                     "warmup_steps_excluded_compile": args.warmup_compile, "repeats": args.repeats,
+                     "lora": LORA, "lr": LR, "data": prep["data"]},
+        "environment": {**env, "torch_threads": prep["torch_threads"],
+                        "torch_cpu_capability": prep["torch_cpu_capability"],
+                        "model_dtype_auto": prep["model_dtype_auto"],
+                        "compile_option_available": prep["compile_available"]},
+        "matmul": {"peak_bf16_tflops": peak, "runs": [{k: v for k, v in m.items() if k != "status"} for m in mm],
+                   "note": "torch.mm(x, W.T), best of 5 timings per shape; the peak is the max over shapes and "
+                           "both runs (start and end of the benchmark)"},
+        "flops_accounting": {
+            "model": shapes,
+            "rule": "decoder linears: 6*N*T full, 4*N*T frozen (forward 2, input-grad 2, weight-grad 2); lm_head "
+                    "(tied embedding) with the same factor on the positions where logits are computed: tunelab "
+                    "the target positions only, transformers/peft all positions; LoRA adapters 6*N_lora*T; "
+                    "attention 12*L*d*S per token (whole SxS square, PaLM convention). Element-wise ops, norms, "
+                    "softmax and the optimizer are not counted.",
+            "mfu": "achieved_tflops = model_flops_per_step / median step_s; mfu_vs_measured_bf16_mm = "
+                   "achieved_tflops / matmul.peak_bf16_tflops",
+        },
+        "configs": configs,
+        "ratios": ratios(configs),
+        "targets": {"tunelab-lora tokens/s vs peft-lora": ">= 2x", "tunelab-lora peak RSS vs peft-lora": "<= 0.6x",
+                    "tunelab-full tokens/s vs plain loop": ">= 1.5x"},
+        "notes": [
+            "peak_rss_mib: ru_maxrss of the configuration's own child process (the parent imports no torch, "
+            "so nothing is inherited across exec); peak_rss_train_mib: VmHWM right after the last optimizer "
+            "step, i.e. before tunelab writes its run directory (the full-tuning save adds a copy of the weights)",
+            "tokens_per_s: median over measured steps of tokens/step_s, then the median across repeats; "
+            "tunelab step_s is read from metrics.jsonl and covers its whole step (forward, backward, clipping, "
+            "AdamW, scheduler); the peer loops time forward, backward, AdamW step and zero_grad",
+            "the machine is shared: before each configuration the parent waits (up to --wait-idle s) until other "
+            "processes use < 0.3 cores; foreign_cpu_cores is the number of cores other processes used during each "
+            "step (machine-wide busy time from /proc/stat minus the child's own CPU time); "
+            f"tokens_per_s_clean_steps is the median over the measured steps with foreign load < "
+            f"{CLEAN_FOREIGN_CORES} cores",
+            "the matmul reference and FLOP counts are in flops_accounting; the parent's torch.mm timing runs in a "
+            "child too, so that the parent never imports torch",
+        ],
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration (default 12)")
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    p.add_argument("--repeats", type=int, default=1, help="run the whole sequence R times, interleaved")
+    p.add_argument("--warmup", type=int, default=2, help="steps excluded from the median (eager; default 2)")
+    p.add_argument("--warmup-compile", type=int, default=3,
+                   help="steps excluded for the compile variants (they include compilation; default 3)")
+    p.add_argument("--wait-idle", type=float, default=60,
+                   help="before each configuration wait up to this many seconds until other processes use < 0.3 "
+                        "cores (0: do not wait; default 60)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        p.error("--steps and --repeats must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        result = run_worker(args.worker, args.workdir, args.steps)
+        print(RESULT_PREFIX + json.dumps(result), flush=True)
+        return 0
+    names = select(args.only)
+    env = environment(REPO)
+    env["load_average_before"] = load_average()
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
+        raw = run_all(args, names, Path(tmp))
+    env["load_average_after"] = load_average()
+    env["bench_wall_s"] = round(time.perf_counter() - t0, 1)
+    result = rounded(report(args, raw, env))
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+        log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
