@@ -249,26 +249,33 @@ def worker_matmul() -> dict[str, Any]:
             flops = 2 * m * k * n * count
             flops_mix, seconds_mix = flops_mix + flops, seconds_mix + flops / (tflops * 1e12)
             best = max(best, tflops)
+            if dtype_name == "bf16":  # for information: F.linear, the call the model makes
+                out["shapes"][name]["bf16_F.linear_tflops"] = time_mm(torch, m, k, n, dtype, linear=True)
         out[f"peak_{dtype_name}_tflops"] = best
         out[f"mix_{dtype_name}_tflops"] = flops_mix / seconds_mix / 1e12
     out["foreign_cpu_cores"] = foreign_cpu(start, cpu_sample())
     return out
 
 
-def time_mm(torch: Any, m: int, k: int, n: int, dtype: Any, trials: int = 5) -> float:
-    """TFLOP/s of the fastest of ``trials`` timings of x @ W.T (W stored [out, in], as nn.Linear)."""
+def time_mm(torch: Any, m: int, k: int, n: int, dtype: Any, trials: int = 5, linear: bool = False) -> float:
+    """TFLOP/s of the fastest of ``trials`` timings of torch.mm(x, W.T) (W stored [out, in], as nn.Linear),
+    or of F.linear(x, W) with ``linear``."""
     x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
     wt = w.t()
+
+    def call() -> Any:
+        return torch.nn.functional.linear(x, w) if linear else torch.mm(x, wt)
+
     for _ in range(3):
-        torch.mm(x, wt)
+        call()
     t0 = time.perf_counter()
-    torch.mm(x, wt)
+    call()
     reps = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
     best = float("inf")
     for _ in range(trials):
         t0 = time.perf_counter()
         for _ in range(reps):
-            torch.mm(x, wt)
+            call()
         best = min(best, (time.perf_counter() - t0) / reps)
     return 2 * m * k * n / best / 1e12
 
@@ -372,7 +379,8 @@ def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
 # ============================================================================================================
 
 
-def run_child(name: str, workdir: Path, steps: int, timeout: float) -> dict[str, Any]:
+def run_child(name: str, workdir: Path, steps: int, timeout: float, env: dict[str, str] | None = None
+              ) -> dict[str, Any]:
     """Run ``--worker name`` in a fresh interpreter; its stderr is passed through, its result line parsed."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
            "--steps", str(steps)]
@@ -380,7 +388,8 @@ def run_child(name: str, workdir: Path, steps: int, timeout: float) -> dict[str,
     t0 = time.perf_counter()
     tail: collections.deque[str] = collections.deque(maxlen=20)
     result = None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO) as proc:
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith(RESULT_PREFIX):
@@ -530,6 +539,13 @@ def select(only: str | None) -> list[str]:
     return [n for n in CONFIGS if n in names]
 
 
+def child_env(args: argparse.Namespace, name: str, workdir: Path, rep: int) -> dict[str, str]:
+    """Compile variants get an empty TorchInductor cache of their own unless --warm-compile-cache."""
+    if not CONFIGS[name].compile or args.warm_compile_cache:
+        return {}
+    return {"TORCHINDUCTOR_CACHE_DIR": str(workdir / f"inductor-cache-{name}-{rep}")}
+
+
 def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[str, Any]:
     log(f"preparing data and model description in {workdir}")
     prep = run_child("prepare", workdir, args.steps, args.timeout)
@@ -547,11 +563,12 @@ def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[s
         for name in runs:
             idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
             log(f"repeat {rep + 1}/{args.repeats}: {name} ({args.steps} steps; idle check {idle})")
-            res = run_child(name, workdir, args.steps, args.timeout)
+            res = run_child(name, workdir, args.steps, args.timeout, child_env(args, name, workdir, rep))
             res["idle_wait"] = idle
             runs[name].append(res)
             if res["status"] == "ok":
-                log(f"  {name}: median step {median(res['step_s']):.3f} s, peak RSS {res['peak_rss_mib']:.0f} MiB")
+                log(f"  {name}: steps {', '.join(f'{t:.2f}' for t in res['step_s'])} s; "
+                    f"peak RSS {res['peak_rss_mib']:.0f} MiB")
             else:
                 log(f"  {name} FAILED (rc {res['returncode']})")
     log("timing torch.mm again (the machine is noisy)")
@@ -577,7 +594,9 @@ def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -
                      "prompt_tokens_per_row": PROMPT_LEN, "target_positions_per_row": RESPONSE_LEN,
                      "steps": args.steps, "warmup_steps_excluded": args.warmup,
                      "warmup_steps_excluded_compile": args.warmup_compile, "repeats": args.repeats,
-                     "lora": LORA, "lr": LR, "data": prep["data"]},
+                     "lora": LORA, "lr": LR, "data": prep["data"], "wait_idle_s": args.wait_idle,
+                     "compile_cache": "user's TorchInductor cache" if args.warm_compile_cache
+                     else "empty cache per compile run (cold compilation)"},
         "environment": {**env, "torch_threads": prep["torch_threads"],
                         "torch_cpu_capability": prep["torch_cpu_capability"],
                         "model_dtype_auto": prep["model_dtype_auto"],
@@ -627,9 +646,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="steps excluded from the median (eager; default 2)")
     p.add_argument("--warmup-compile", type=int, default=3,
                    help="steps excluded for the compile variants (they include compilation; default 3)")
-    p.add_argument("--wait-idle", type=float, default=60,
+    p.add_argument("--wait-idle", type=float, default=120,
                    help="before each configuration wait up to this many seconds until other processes use < 0.3 "
-                        "cores (0: do not wait; default 60)")
+                        "cores (0: do not wait; default 120)")
+    p.add_argument("--warm-compile-cache", action="store_true",
+                   help="let compile variants use the user's TorchInductor cache (default: an empty cache per "
+                        "run, so the reported compile time is that of a first compilation)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
     p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--worker", help=argparse.SUPPRESS)

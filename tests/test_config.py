@@ -10,7 +10,8 @@ from tunelab.config import ConfigError, apply_overrides, dump_config, load_confi
 
 from conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("compare-"))
+COMPARE_CONFIGS = sorted((REPO / "configs").glob("compare-*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -19,6 +20,14 @@ def test_example_configs_validate(path):
     assert cfg.method_name()
     assert load_config(path, ["train.lr=1e-4"]).train.lr == 1e-4
     cfg.method_config()
+
+
+@pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=[p.name for p in COMPARE_CONFIGS])
+def test_example_compare_configs_validate(path):
+    from tunelab.compare import load_compare
+
+    cfg = load_compare(path)
+    assert len(cfg.methods) >= 2 and cfg.eval.tasks
 
 
 def test_there_are_example_configs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 EPILOG = """examples:
   tunelab demo                                   fine-tune the embedded model with LoRA, before/after
@@ -12,6 +13,9 @@ EPILOG = """examples:
   tunelab train CONFIG --set train.lr=1e-4 --set method.r=16
   tunelab train CONFIG --resume                  continue an interrupted run from its last checkpoint
   tunelab generate runs/lora --prompt "What is 12 + 30?"
+  tunelab eval runs/lora --task synth-date-format --task arc-easy-ll --data-dir DATA --limit 200
+  tunelab compare configs/compare-date.yaml      several methods, same budget, one table (md, csv, png)
+  tunelab tasks                                  list evaluation tasks
   tunelab methods                                list methods with their options and defaults
 """
 
@@ -38,6 +42,25 @@ def _parser() -> argparse.ArgumentParser:
                    help="load a run onto a base model whose weights differ from the one it was trained on")
 
     sub.add_parser("methods", help="list the methods with their options and defaults")
+
+    e = sub.add_parser("eval", help="evaluate a run or a model on tasks (accuracy with 95%% intervals)")
+    e.add_argument("target", help="run directory, or a model (alias, HF directory, GGUF file, tiny-llama)")
+    e.add_argument("--task", action="append", required=True, help="task name (repeatable); see `tunelab tasks`")
+    e.add_argument("--data-dir", help="folder of the LLM-Adapters data sets (e.g. DIR/gsm8k/test.json)")
+    e.add_argument("--tasks-dir", action="append", default=[], help="extra folder of task YAML files")
+    e.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--template", help="prompt template (default: the run's training template, else the task's)")
+    e.add_argument("--dtype", default="fp32", help="fp32 (default: batch-invariant greedy decoding) or bf16")
+    e.add_argument("--out", help="output folder for per-example JSONL and summaries (default: RUN/eval or eval/)")
+    e.add_argument("--allow-base-mismatch", action="store_true")
+
+    c = sub.add_parser("compare", help="train several methods on the same data and budget; one table")
+    c.add_argument("config", help="compare YAML (see configs/compare-*.yaml)")
+    c.add_argument("--rerun", action="store_true", help="redo rows that finished earlier")
+
+    ts = sub.add_parser("tasks", help="list the evaluation tasks")
+    ts.add_argument("--tasks-dir", action="append", default=[], help="extra folder of task YAML files")
 
     d = sub.add_parser("demo", help="fine-tune the embedded model with LoRA and show before/after")
     d.add_argument("--model", default="smollm2-135m")
@@ -86,6 +109,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tunelab.eval.harness import EvalOptions, evaluate, format_summary
+    from tunelab.runs import is_run_dir
+
+    out = args.out or (str(Path(args.target) / "eval") if is_run_dir(args.target) else "eval")
+    opts = EvalOptions(data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
+                       template=args.template, out_dir=out)
+    summaries = evaluate(args.target, args.task, opts, dtype=args.dtype, tasks_dirs=args.tasks_dir,
+                         allow_base_mismatch=args.allow_base_mismatch)
+    for s in summaries:
+        print(format_summary(s))
+    print(f"per-example outputs and summaries in {out}/")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tunelab.compare import compare, load_compare
+
+    results = compare(args.config, rerun=args.rerun)
+    out = Path(load_compare(args.config).output_dir)
+    print((out / "table.md").read_text())
+    print(f"table: {out / 'table.md'}, {out / 'table.csv'}, chart: {out / 'chart.png'}")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from tunelab.eval.tasks import discover_tasks
+
+    for name, spec in discover_tasks(tuple(args.tasks_dir)).items():
+        print(f"{name:<20} {spec.kind:<9} {spec.data:<28} {spec.description}")
+    return 0
+
+
 def cmd_methods(_args: argparse.Namespace) -> int:
     from tunelab.methods import REGISTRY, get_method, method_options
 
@@ -105,7 +161,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate, "methods": cmd_methods, "demo": cmd_demo}
+COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
+            "methods": cmd_methods, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -2,32 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from tunelab.config import config_from_dict
 from tunelab.data import generate as synthetic
-from tunelab.data import render_prompt
 
 DEMO_TASK = "date-format"
 DEMO_TEMPLATE = "chat"
 
 
-def exact_match(output: str, gold: str) -> bool:
-    """The first line of the output, stripped, equals the gold answer."""
-    lines = output.strip().splitlines()
-    return bool(lines) and lines[0].strip() == gold.strip()
+def score(model: Any, tokenizer: Any, task: str, limit: int, out_dir: Path) -> tuple[dict, list[dict]]:
+    """Evaluate with the harness (same parser, metric and interval as `tunelab eval`); returns summary and rows."""
+    from tunelab.eval.harness import EvalOptions, evaluate_task
+    from tunelab.eval.tasks import discover_tasks
+
+    spec = discover_tasks()[f"synth-{task}"]
+    summary = evaluate_task(model, tokenizer, spec, EvalOptions(limit=limit, out_dir=str(out_dir)), DEMO_TEMPLATE)
+    rows = [json.loads(line) for line in (out_dir / f"{spec.name}.jsonl").read_text().splitlines()]
+    return summary, rows
 
 
-def score(model: Any, tokenizer: Any, records: list, template: str, max_new_tokens: int = 16) -> tuple[float, list[str]]:
-    from tunelab.eval.generate import generate
-
-    prompts = [render_prompt(r, template, tokenizer) for r in records]
-    outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=16,
-                       add_special_tokens=template != "chat")
-    acc = sum(exact_match(o, r.output) for o, r in zip(outputs, records, strict=True)) / max(1, len(records))
-    return acc, outputs
+def _pct(s: dict) -> str:
+    return f"{100 * s['accuracy']:.1f}% [95% CI {100 * s['ci_low']:.1f}-{100 * s['ci_high']:.1f}]"
 
 
 def demo_config(model: str, steps: int, output_dir: str, task: str = DEMO_TASK) -> dict[str, Any]:
@@ -42,34 +41,39 @@ def demo_config(model: str, steps: int, output_dir: str, task: str = DEMO_TASK) 
 
 
 def run_demo(model: str = "smollm2-135m", steps: int | None = None, output_dir: str | None = None,
-             n_test: int = 48, task: str = DEMO_TASK, show: int = 4) -> dict[str, Any]:
+             n_test: int = 64, task: str = DEMO_TASK, show: int = 4) -> dict[str, Any]:
     """The main job end to end; returns the before/after scores."""
     from tunelab.models import load_model, resolve_dtype
     from tunelab.train.loop import train
 
     t0 = time.perf_counter()
-    steps = steps or 120
+    steps = steps or 80
     output_dir = output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[demo] loading {model} ...", flush=True)
     # Score in fp32 (greedy decoding in bf16 can depend on the batch composition), train in bf16 with fp32 LoRA.
     base, tokenizer = load_model(model, "fp32")
-    test = synthetic(task, "test", n_test, seed=0)
-    print(f"[demo] task '{task}': {n_test} held-out test problems, e.g. {test[0].instruction!r} -> {test[0].output!r}")
-    before, before_out = score(base, tokenizer, test, DEMO_TEMPLATE)
-    print(f"[demo] before fine-tuning: exact match {100 * before:.1f}%", flush=True)
+    out = Path(output_dir)
+    example = synthetic(task, "test", 1, seed=0)[0]
+    print(f"[demo] task '{task}': {n_test} held-out test problems, e.g. {example.instruction!r} -> {example.output!r}")
+    before, before_rows = score(base, tokenizer, task, n_test, out / "eval-before")
+    print(f"[demo] before fine-tuning: exact match {_pct(before)}", flush=True)
     cfg = config_from_dict(demo_config(model, steps, output_dir, task))
     train_dtype = resolve_dtype("auto")
     result = train(cfg, model=base.to(train_dtype), tokenizer=tokenizer)
-    after, after_out = score(base.float(), tokenizer, test, DEMO_TEMPLATE)
+    after, after_rows = score(base.float(), tokenizer, task, n_test, out / "eval")
     print(f"[demo] after LoRA ({result.steps} steps, {result.tokens_per_s:.0f} tokens/s, "
-          f"{result.trainable_params:,} trainable parameters): exact match {100 * after:.1f}%\n")
-    for r, b, a in list(zip(test, before_out, after_out, strict=True))[:show]:
-        print(f"  Q: {r.instruction}\n     gold: {r.output}\n     before: {b.strip()[:60]!r}\n     after:  {a.strip()[:60]!r}")
+          f"{result.trainable_params:,} trainable parameters): exact match {_pct(after)}\n")
+    for b, a in list(zip(before_rows, after_rows, strict=True))[:show]:
+        q = b["prompt"].split("user\n")[-1].split("<|im_end|>")[0].strip()
+        print(f"  Q: {q}\n     gold:   {b['gold']}\n     before: {b['output'].strip()[:60]!r}"
+              f"\n     after:  {a['output'].strip()[:60]!r}")
     elapsed = time.perf_counter() - t0
-    print(f"\n[demo] exact match {100 * before:.1f}% -> {100 * after:.1f}% in {elapsed:.0f} s")
+    print(f"\n[demo] exact match {100 * before['accuracy']:.1f}% -> {100 * after['accuracy']:.1f}% "
+          f"in {elapsed:.0f} s (model load, two evaluations and training)")
     print(f"[demo] run saved to {Path(output_dir).resolve()}")
     print("[demo] next:\n"
-          f"  tunelab generate {output_dir} --prompt \"{test[1].instruction}\"\n"
+          f"  tunelab generate {output_dir} --prompt \"{example.instruction}\"\n"
+          f"  tunelab eval {output_dir} --task synth-{task} --task synth-arith\n"
           f"  tunelab train configs/lora-arith.yaml --set method.r=16\n"
           f"  tunelab methods")
-    return {"before": before, "after": after, "seconds": elapsed, "run_dir": output_dir}
+    return {"before": before["accuracy"], "after": after["accuracy"], "seconds": elapsed, "run_dir": output_dir}

@@ -24,10 +24,8 @@ from tunelab.data import (
     batch_order,
     collate,
     collate_packed,
-    generate,
-    load_records,
+    load_source,
     pack_examples,
-    parse_synthetic_spec,
     tokenize_records,
 )
 from tunelab.train.objective import IGNORE_INDEX
@@ -42,12 +40,8 @@ class PreparedData:
 
 def read_source(spec: str, data: DataSection, seed: int) -> tuple[list[Record], list]:
     """Records from a file path or a ``synthetic:NAME:SPLIT:N`` spec."""
-    synthetic = parse_synthetic_spec(spec)
-    if synthetic is not None:
-        name, split, n = synthetic
-        return generate(name, split, n, seed=seed), []
     fields = FieldMap(instruction=data.fields.instruction, input=data.fields.input, output=data.fields.output)
-    return load_records(spec, fields, skip_bad_rows=data.skip_bad_rows)
+    return load_source(spec, fields, skip_bad_rows=data.skip_bad_rows, seed=seed)
 
 
 def _held_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

@@ -1,0 +1,162 @@
+"""The evaluation harness: one entry point that runs any task (generate / loglik / loss) on any model or run.
+
+Every task writes ``OUT/<task>.jsonl`` (one row per example: prompt, raw output, parsed answer, gold, correct) and a
+summary (accuracy with a bootstrap 95% interval, n, tokens generated, wall time); ``OUT/summary.json`` collects
+them. The numbers come from ``tunelab.eval.metrics`` and ``tunelab.train.objective``, the same code every report uses.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config import ConfigError
+from tunelab.data import Record, encode_prompts, tokenize_records
+from tunelab.eval.generate import GenerationSettings, generate_ids
+from tunelab.eval.metrics import perplexity, summarize_accuracy
+from tunelab.eval.parsers import PARSERS
+from tunelab.eval.tasks import TaskSpec, discover_tasks, get_task, load_examples
+from tunelab.runs import atomic_write_json, atomic_write_text
+
+
+@dataclass
+class EvalOptions:
+    data_dir: str | None = None
+    limit: int | None = None
+    batch_size: int = 16
+    template: str | None = None  # overrides the task's template (a run's training template by default)
+    out_dir: str | None = None
+
+
+def _rows_to_jsonl(rows: Sequence[dict[str, Any]]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
+def _parser(spec: TaskSpec):
+    options = {k: v for k, v in spec.parser.items() if k != "name"}
+    name = spec.parser.get("name", "exact")
+    if name not in PARSERS:
+        raise ConfigError(f"task '{spec.name}' ({spec.source_file}): unknown parser '{name}'; "
+                         f"valid: {', '.join(PARSERS)}")
+    return PARSERS[name], options
+
+
+def run_generate(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: EvalOptions,
+                 template: str) -> tuple[list[dict], dict]:
+    parser, options = _parser(spec)
+    prompt_ids = encode_prompts(records, tok, template=template)
+    g = spec.generation
+    settings = GenerationSettings(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, stop=list(g.stop),
+                                  batch_size=opts.batch_size)
+    outputs = generate_ids(model, tok, prompt_ids, settings)
+    rows = []
+    for i, (r, ids, out) in enumerate(zip(records, prompt_ids, outputs, strict=True)):
+        answer = parser.parse(out.text, **options)
+        rows.append({"i": i, "line": r.line, "prompt": tok.decode(ids), "output": out.text, "parsed": answer,
+                     "gold": r.output, "correct": bool(parser.score(answer, r.output, **options)),
+                     "n_tokens": out.n_tokens})
+    summary = summarize_accuracy([row["correct"] for row in rows])
+    summary["tokens_generated"] = sum(row["n_tokens"] for row in rows)
+    return rows, summary
+
+
+def run_loglik(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: EvalOptions,
+               template: str) -> tuple[list[dict], dict]:
+    from tunelab.eval.choices import mc_item_from_record
+    from tunelab.eval.loglik import score_multiple_choice
+
+    items = [mc_item_from_record(r.instruction, r.output, spec.choices.style, where=f"{r.source}:{r.line}")
+             for r in records]
+    results = score_multiple_choice(model, tok, items, batch_size=opts.batch_size)
+    rows = []
+    for i, (r, item, res) in enumerate(zip(records, items, results, strict=True)):
+        rows.append({"i": i, "line": r.line, "labels": item.labels, "logprobs": res.logprobs,
+                     "pred": item.labels[res.pred], "pred_norm": item.labels[res.pred_norm], "gold": r.output,
+                     "correct": res.correct, "correct_norm": res.correct_norm})
+    summary = summarize_accuracy([row["correct"] for row in rows])
+    norm = summarize_accuracy([row["correct_norm"] for row in rows])
+    summary.update({"accuracy_norm": norm["accuracy"], "ci_low_norm": norm["ci_low"], "ci_high_norm": norm["ci_high"]})
+    return rows, summary
+
+
+@torch.no_grad()
+def run_loss(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: EvalOptions,
+             template: str) -> tuple[list[dict], dict]:
+    """Per-token NLL of the gold responses (the quantity the training loop and the scaling lab use)."""
+    from tunelab.data import collate
+    from tunelab.train.objective import mean_nll, nll_sum
+
+    examples, _ = tokenize_records(records, tok, template=template, max_length=4096)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    model.eval()
+    rows = []
+    for i, ex in enumerate(examples):
+        s, n = nll_sum(model, collate([ex], pad))
+        rows.append({"i": i, "line": ex.line, "nll_sum": float(s), "n_targets": n})
+    total, count = sum(r["nll_sum"] for r in rows), sum(r["n_targets"] for r in rows)
+    loss = mean_nll(total, count)
+    return rows, {"loss": loss, "perplexity": perplexity(loss), "n": len(rows), "n_target_tokens": count}
+
+
+RUNNERS = {"generate": run_generate, "loglik": run_loglik, "loss": run_loss}
+
+
+def evaluate_task(model: Any, tok: Any, spec: TaskSpec, opts: EvalOptions,
+                  default_template: str | None = None) -> dict[str, Any]:
+    """Run one task; write its rows and summary under opts.out_dir (if given); return the summary."""
+    template = opts.template or default_template or spec.template
+    records = load_examples(spec, opts.data_dir, opts.limit)
+    t0 = time.perf_counter()
+    rows, summary = RUNNERS[spec.kind](model, tok, spec, records, opts, template)
+    summary = {"task": spec.name, "kind": spec.kind, **summary, "seconds": time.perf_counter() - t0,
+               "template": template if spec.kind != "loglik" else None, "limit": opts.limit}
+    if opts.out_dir:
+        out = Path(opts.out_dir)
+        atomic_write_text(out / f"{spec.name}.jsonl", _rows_to_jsonl(rows))
+        atomic_write_json(out / f"{spec.name}.summary.json", summary)
+    return summary
+
+
+def load_target(target: str, dtype: str = "fp32", allow_base_mismatch: bool = False):
+    """(model, tokenizer, training template or None, description) for a run directory or a model spec."""
+    from tunelab.models import load_model
+    from tunelab.runs import is_run_dir, load_run
+
+    if is_run_dir(target):
+        model, tok, _handle, cfg = load_run(target, dtype=dtype, allow_base_mismatch=allow_base_mismatch)
+        return model, tok, cfg.data.template, f"run {target}"
+    model, tok = load_model(target, dtype)
+    return model, tok, None, f"model {target}"
+
+
+def evaluate(target: str, task_names: Sequence[str], opts: EvalOptions, *, dtype: str = "fp32",
+             tasks_dirs: Sequence[str] = (), allow_base_mismatch: bool = False, model: Any = None,
+             tokenizer: Any = None, default_template: str | None = None) -> list[dict[str, Any]]:
+    """Evaluate a run directory or a model on several tasks; returns the task summaries."""
+    tasks = discover_tasks(tuple(tasks_dirs))
+    specs = [get_task(n, tasks) for n in task_names]
+    if model is None:
+        model, tokenizer, default_template, _ = load_target(target, dtype, allow_base_mismatch)
+    summaries = [evaluate_task(model, tokenizer, spec, opts, default_template) for spec in specs]
+    if opts.out_dir:
+        atomic_write_json(Path(opts.out_dir) / "summary.json", {"target": target, "tasks": summaries})
+    return summaries
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """One line per task for the terminal."""
+    if "accuracy" in s:
+        line = f"{s['task']:<18} acc {100 * s['accuracy']:5.1f}% [{100 * s['ci_low']:.1f}, {100 * s['ci_high']:.1f}]"
+        if "accuracy_norm" in s:
+            line += f"  acc_norm {100 * s['accuracy_norm']:5.1f}% [{100 * s['ci_low_norm']:.1f}, {100 * s['ci_high_norm']:.1f}]"
+        if "tokens_generated" in s:
+            line += f"  tokens {s['tokens_generated']}"
+    else:
+        line = f"{s['task']:<18} loss {s['loss']:.4f}  ppl {s['perplexity']:.2f}"
+    return line + f"  n={s['n']}  {s['seconds']:.1f}s"

@@ -1,0 +1,113 @@
+"""Generation and the evaluation harness: batched == one at a time, tasks as data, end-to-end evaluations."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from tunelab.config import ConfigError
+from tunelab.data import DataError
+from tunelab.eval.generate import GenerationSettings, cut_at_stop, generate_ids
+from tunelab.eval.harness import EvalOptions, evaluate, format_summary
+from tunelab.eval.tasks import BUILTIN_DIR, discover_tasks, get_task, load_task_file
+
+from conftest import tiny
+
+
+def _prompts(tok, n=7):
+    texts = ["hi", "What is 12 + 30?", "Reverse the letters: planet", "a", "Convert 2023-07-14 please, now",
+             "The quick brown fox jumps over the lazy dog again and again", "xyz"]
+    return [tok(t)["input_ids"] for t in texts[:n]]
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
+def test_batched_generation_equals_one_at_a_time(arch):
+    model, tok = tiny(arch)
+    prompts = _prompts(tok)
+    batched = generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=12, batch_size=7))
+    single = [generate_ids(model, tok, [p], GenerationSettings(max_new_tokens=12, batch_size=1))[0]
+              for p in prompts]
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert [g.n_tokens for g in batched] == [g.n_tokens for g in single]
+
+
+def test_greedy_generation_equals_manual_argmax_without_cache():
+    model, tok = tiny()
+    prompt = tok("Reverse: abc")["input_ids"]
+    out = generate_ids(model, tok, [prompt], GenerationSettings(max_new_tokens=6))[0]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+    manual = ids[0, len(prompt):]
+    eos = tok.eos_token_id
+    if eos in manual.tolist():
+        manual = manual[: manual.tolist().index(eos) + 1]
+    assert out.text == tok.decode(manual, skip_special_tokens=True)
+
+
+def test_beam_search_runs_and_stop_strings_cut():
+    model, tok = tiny()
+    out = generate_ids(model, tok, _prompts(tok, 2), GenerationSettings(max_new_tokens=5, num_beams=2))
+    assert len(out) == 2
+    assert cut_at_stop("answer 42\n\n### Instruction", ["\n\n### "]) == "answer 42"
+    assert cut_at_stop("abc", ["", "zz"]) == "abc"
+
+
+def test_every_builtin_task_validates():
+    tasks = discover_tasks()
+    assert {"gsm8k", "svamp", "addsub", "multiarith", "singleeq", "aqua", "mawps", "boolq", "piqa", "siqa",
+            "hellaswag", "winogrande", "arc-easy", "arc-challenge", "obqa", "arc-easy-ll", "boolq-ll",
+            "obqa-ll", "synth-arith", "synth-reverse", "synth-date-format"} <= set(tasks)
+    for path in BUILTIN_DIR.glob("*.yaml"):
+        spec = load_task_file(path)
+        assert spec.description
+
+
+def test_task_errors_are_clear(tmp_path):
+    (tmp_path / "mine.yaml").write_text("name: mine\ndata: synthetic:arith:test:5\nkind: generat\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml:3: 'kind' got 'generat'"):
+        discover_tasks((tmp_path,))
+    with pytest.raises(ConfigError, match="Did you mean 'gsm8k'"):
+        get_task("gsm8", discover_tasks())
+    with pytest.raises(DataError, match="--data-dir"):
+        evaluate("tiny-llama", ["gsm8k"], EvalOptions(limit=2))
+
+
+def test_a_task_folder_adds_a_task_without_code(tmp_path):
+    data = tmp_path / "qa.jsonl"
+    data.write_text('{"instruction": "Say 7", "answer": "7"}\n{"instruction": "Say 8", "answer": "8"}\n')
+    (tmp_path / "mine.yaml").write_text(f"name: mine\ndata: {data}\nparser: {{name: number}}\n"
+                                        "generation: {max_new_tokens: 4}\n")
+    out = tmp_path / "out"
+    [s] = evaluate("tiny-llama", ["mine"], EvalOptions(out_dir=str(out)), tasks_dirs=[str(tmp_path)])
+    assert s["n"] == 2 and 0 <= s["accuracy"] <= 1
+    rows = [json.loads(x) for x in (out / "mine.jsonl").read_text().splitlines()]
+    assert {"prompt", "output", "parsed", "gold", "correct"} <= set(rows[0])
+    assert json.loads((out / "summary.json").read_text())["tasks"][0]["task"] == "mine"
+
+
+def test_synthetic_generate_loss_and_summary_line(tmp_path):
+    opts = EvalOptions(limit=6, out_dir=str(tmp_path), batch_size=4)
+    tasks_dir = tmp_path / "t"
+    tasks_dir.mkdir()
+    (tasks_dir / "rev-loss.yaml").write_text("name: rev-loss\nkind: loss\ndata: synthetic:reverse:test:6\n"
+                                             "template: plain\n")
+    summaries = evaluate("tiny-llama", ["synth-reverse", "rev-loss"], opts, tasks_dirs=[str(tasks_dir)])
+    gen, loss = summaries
+    assert gen["n"] == 6 and gen["tokens_generated"] > 0 and gen["ci_low"] <= gen["accuracy"] <= gen["ci_high"]
+    assert loss["loss"] > 0 and loss["perplexity"] == pytest.approx(__import__("math").exp(loss["loss"]))
+    assert "acc" in format_summary(gen) and "ppl" in format_summary(loss)
+
+
+@pytest.mark.parametrize("task", ["arc-easy", "gsm8k", "aqua", "boolq-ll"])
+def test_real_slice_end_to_end(shared_data, tmp_path, task):
+    """A 20-example slice of a real LLM-Adapters set evaluates end to end (skipped when the data is absent)."""
+    [s] = evaluate("tiny-llama", [task], EvalOptions(data_dir=str(shared_data), limit=20, out_dir=str(tmp_path),
+                                                     batch_size=10))
+    assert s["n"] == 20
+    rows = [json.loads(x) for x in (tmp_path / f"{task}.jsonl").read_text().splitlines()]
+    assert len(rows) == 20 and all(r["gold"] for r in rows)

@@ -1,0 +1,319 @@
+"""Log-likelihood multiple-choice scoring: hand-computed oracle, batching, tokenisation rule, choice parsing."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tunelab.eval import loglik
+from tunelab.eval.choices import DATASET_STYLES, MCItem, mc_item_from_record, style_for_dataset
+from tunelab.eval.loglik import (
+    MCResult,
+    continuation_logprobs,
+    encode_pair,
+    score_multiple_choice,
+    summarize,
+)
+
+from conftest import tiny
+
+DATA = Path(__file__).resolve().parents[2] / "shared/data/llm-adapters"
+
+PAIRS = [
+    ("Question: What colour is the sky?\nAnswer:", " blue"),
+    ("The cat sat on the ", "mat."),  # trailing space moves into the continuation
+    ("x", " a much longer continuation with several words in it"),
+]
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny("tiny-llama", "fp32")
+
+
+def hand_logprob(model, tokenizer, context: str, continuation: str) -> tuple[float, int]:
+    """Oracle: full-vocabulary log-softmax of the unpadded sequence, summed token by token."""
+    ctx = tokenizer(context.rstrip(), add_special_tokens=False)["input_ids"] or [tokenizer.bos_token_id]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx) :] if context.strip() else whole
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    total = sum(float(logp[len(ctx) - 1 + j, tok]) for j, tok in enumerate(cont))
+    return total, len(cont)
+
+
+# ------------------------------------------------------------------------------------------ log-likelihood
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+def test_logprobs_match_hand_computation(name):
+    model, tok = tiny(name, "fp32")
+    got = continuation_logprobs(model, tok, PAIRS, batch_size=8)
+    for (ctx, cont), (lp, n) in zip(PAIRS, got, strict=True):
+        want, n_want = hand_logprob(model, tok, ctx, cont)
+        assert n == n_want
+        assert lp == pytest.approx(want, abs=1e-5)
+
+
+def test_batched_equals_one_at_a_time(llama):
+    model, tok = llama
+    pairs = PAIRS + [("Q: 2+2?\nA:", " 4"), ("", "Empty context scores from BOS.")]
+    batched = continuation_logprobs(model, tok, pairs, batch_size=16)
+    single = [continuation_logprobs(model, tok, [p], batch_size=1)[0] for p in pairs]
+    for (a, na), (b, nb) in zip(batched, single, strict=True):
+        assert na == nb
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_restores_training_mode_and_needs_no_grad(llama):
+    model, tok = llama
+    model.train()
+    try:
+        ((lp, _),) = continuation_logprobs(model, tok, [PAIRS[0]])
+        assert model.training
+        assert lp < 0
+    finally:
+        model.eval()
+
+
+def test_long_inputs_are_cut_from_the_left(llama):
+    model, tok = llama
+    limit = model.config.max_position_embeddings
+    context, continuation = "z" * (limit + 100), " tail"
+    ((lp, n),) = continuation_logprobs(model, tok, [(context, continuation)])
+    ids = tok(context + continuation, add_special_tokens=False)["input_ids"][-(limit + 1) :]
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids[:-1]])).logits[0].double(), -1)
+    want = sum(float(logp[limit - n + j, t]) for j, t in enumerate(ids[-n:]))
+    assert n == len(continuation)
+    assert lp == pytest.approx(want, abs=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ tokenisation
+
+
+def test_trailing_space_moves_to_continuation(llama):
+    _, tok = llama
+    ctx, cont = encode_pair(tok, "Answer: ", "yes")
+    assert tok.decode(ctx) == "Answer:"
+    assert tok.decode(cont) == " yes"
+    assert encode_pair(tok, "Answer:", " yes") == (ctx, cont)
+
+
+def test_empty_context_is_conditioned_on_bos(llama):
+    _, tok = llama
+    ctx, cont = encode_pair(tok, "", "hi")
+    assert ctx == [tok.bos_token_id]
+    assert tok.decode(cont) == "hi"
+
+
+class MergingTokenizer:
+    """Fake BPE: "ab" is one token, so encode("a" + "b") does not start with encode("a")."""
+
+    vocab = {"ab": 3, "a": 1, "b": 2, " ": 4}
+
+    def __init__(self, add_bos: bool = False) -> None:
+        self.add_bos = add_bos
+        self.bos_token_id, self.eos_token_id = 9, 8
+
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
+        ids, i = [], 0
+        while i < len(text):
+            step = 2 if text[i : i + 2] in self.vocab else 1
+            ids.append(self.vocab[text[i : i + step]])
+            i += step
+        return {"input_ids": ([self.bos_token_id] if self.add_bos and add_special_tokens else []) + ids}
+
+
+def test_merged_boundary_falls_back_to_separate_encoding():
+    tok = MergingTokenizer()
+    assert encode_pair(tok, "a", "b") == ([1], [2])  # whole = [3] would lose the context token
+    assert encode_pair(tok, "b", "a") == ([2], [1])  # no merge: tail of the whole encoding
+
+
+def test_bos_prepended_when_tokenizer_uses_one():
+    assert encode_pair(MergingTokenizer(add_bos=True), "b", "a") == ([9, 2], [1])
+
+
+def test_empty_continuation_is_an_error(llama):
+    _, tok = llama
+    with pytest.raises(ValueError, match="empty continuation"):
+        encode_pair(tok, "context", "")
+
+
+# ------------------------------------------------------------------------------------------ multiple choice
+
+
+def test_prefix_option_wins_acc(llama):
+    """ℓ(" a b c" | c) = ℓ(" a" | c) + ℓ(" b c" | c, " a") < ℓ(" a" | c): acc must pick the prefix."""
+    model, tok = llama
+    items = [
+        MCItem("Question: pick\nAnswer:", [" a b c d e", " a"], gold=1, labels=["answer1", "answer2"]),
+        MCItem("Question: pick\nAnswer:", [" a", " a b c d e"], gold=0, labels=["answer1", "answer2"]),
+    ]
+    results = score_multiple_choice(model, tok, items)
+    assert [r.pred for r in results] == [1, 0]
+    assert all(r.correct for r in results)
+    assert summarize(results)["accuracy"] == 1.0
+
+
+def test_acc_norm_divides_by_continuation_bytes():
+    item = MCItem("Q", [" a", " abcdefgh"], gold=1, labels=["answer1", "answer2"])
+    result = loglik._result(item, [-3.0, -9.0])  # per byte: -1.5 vs -1.0
+    assert (result.pred, result.pred_norm) == (0, 1)
+    assert (result.correct, result.correct_norm) == (False, True)
+
+
+def test_acc_norm_counts_utf8_bytes_not_characters():
+    item = MCItem("Q", [" éé", " abcd"], gold=0, labels=["answer1", "answer2"])
+    result = loglik._result(item, [-5.0, -5.1])  # bytes 5 vs 5: -1.0 vs -1.02; characters 3 vs 5 would flip
+    assert result.pred_norm == 0
+
+
+def test_identical_pairs_are_scored_once(llama, monkeypatch):
+    model, tok = llama
+    seen: list[list[tuple[str, str]]] = []
+    real = loglik.continuation_logprobs
+
+    def spy(model, tokenizer, pairs, *, batch_size=16):
+        seen.append(list(pairs))
+        return real(model, tokenizer, pairs, batch_size=batch_size)
+
+    monkeypatch.setattr(loglik, "continuation_logprobs", spy)
+    item = mc_item_from_record(
+        "Please answer ... question: is it\n\nAnswer format: true/false", "true", "boolq"
+    )
+    results = score_multiple_choice(model, tok, [item, item, item])
+    assert len(seen[0]) == 2
+    assert results[0] == results[1] == results[2]
+
+
+def test_winogrande_item_scores_per_option_contexts(llama):
+    model, tok = llama
+    item = mc_item_from_record(WINO, "option2", "winogrande")
+    (result,) = score_multiple_choice(model, tok, [item])
+    want = [hand_logprob(model, tok, ctx, cont)[0] for ctx, cont in item.pairs]
+    assert result.logprobs == pytest.approx(want, abs=1e-5)
+
+
+def test_summarize_counts():
+    results = [MCResult([0.0, -1.0], 0, 1, True, False), MCResult([-1.0, 0.0], 1, 1, False, True)]
+    assert summarize(results) == {"n": 2, "accuracy": 0.5, "accuracy_norm": 0.5}
+    assert summarize([])["n"] == 0
+
+
+# ------------------------------------------------------------------------------------------ choice parsing
+
+ARC = (
+    "Please choose the correct answer to the question: Which gas do plants absorb?\n\n"
+    "Answer1: oxygen Answer2: carbon dioxide Answer3: helium Answer4: argon\n\n"
+    "Answer format: answer1/answer2/answer3/answer4"
+)
+PIQA = (
+    "Please choose the correct solution to the question: How to open a jar?\n\n"
+    "Solution1: Twist the lid. \n\nSolution2: Sing to it.\n\nAnswer format: solution1/solution2"
+)
+WINO = (
+    "Please choose the correct answer to fill in the blank to complete the given sentence: Sarah was a much "
+    "better surgeon than Maria so _ always got the easier cases.\n\n"
+    "Option1: Sarah Option2: Maria Answer format: option1/option2"
+)
+BOOLQ = (
+    "Please answer the following question with true or false, question: is the sky blue\n\n"
+    "Answer format: true/false"
+)
+
+
+def test_labeled_item():
+    item = mc_item_from_record(ARC, "answer2", "labeled")
+    assert item.context == "Question: Which gas do plants absorb?\nAnswer:"
+    assert item.options == [" oxygen", " carbon dioxide", " helium", " argon"]
+    assert (item.gold, item.gold_label) == (1, "answer2")
+    assert item.labels == ["answer1", "answer2", "answer3", "answer4"]
+    assert item.pairs[1] == (item.context, " carbon dioxide")
+
+
+def test_piqa_solutions():
+    item = mc_item_from_record(PIQA, "solution1", "labeled")
+    assert item.context == "Question: How to open a jar?\nAnswer:"
+    assert item.options == [" Twist the lid.", " Sing to it."]
+    assert item.gold == 0
+
+
+def test_boolq_item():
+    item = mc_item_from_record(BOOLQ, "false", "boolq")
+    assert item.context == "Question: is the sky blue?\nAnswer:"
+    assert item.options == [" yes", " no"]
+    assert (item.labels, item.gold) == (["true", "false"], 1)
+
+
+def test_winogrande_item():
+    item = mc_item_from_record(WINO, "option2", "winogrande")
+    assert item.pairs == [
+        ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
+        ("Sarah was a much better surgeon than Maria so Maria", " always got the easier cases."),
+    ]
+    assert (item.labels, item.gold) == (["option1", "option2"], 1)
+
+
+@pytest.mark.parametrize(
+    ("instruction", "gold", "style", "message"),
+    [
+        (ARC, "answer7", "labeled", "gold answer 'answer7'"),
+        (ARC.replace("Answer3: helium ", ""), "answer1", "labeled", "no 'Answer3:'"),
+        (ARC.rsplit("\n\n", 1)[0], "answer1", "labeled", "Answer format"),
+        (WINO.replace("_", "the surgeon"), "option1", "winogrande", "0 blanks"),
+        (BOOLQ.replace("true/false", "yes/no"), "yes", "boolq", "expected 'true/false'"),
+        (ARC, "answer1", "hellaswag", "unknown multiple-choice style"),
+    ],
+)
+def test_unparseable_records_name_their_place(instruction, gold, style, message):
+    with pytest.raises(ValueError, match=message) as err:
+        mc_item_from_record(instruction, gold, style, where="data/test.json:42")
+    if style in DATASET_STYLES.values():
+        assert "data/test.json:42" in str(err.value)
+
+
+def test_style_for_dataset():
+    assert style_for_dataset("ARC-Easy") == "labeled"
+    assert style_for_dataset("winogrande") == "winogrande"
+    with pytest.raises(ValueError, match="known: boolq"):
+        style_for_dataset("gsm8k")
+
+
+@pytest.mark.parametrize("dataset", list(DATASET_STYLES))
+def test_every_real_record_parses(dataset):
+    path = DATA / dataset / "test.json"
+    if not path.is_file():
+        pytest.skip(f"real data not present at {path}")
+    rows = json.loads(path.read_text(encoding="utf-8"))
+    style = style_for_dataset(dataset)
+    items = [
+        mc_item_from_record(r["instruction"], r["answer"], style, f"{path}:{i}") for i, r in enumerate(rows)
+    ]
+    assert len(items) == len(rows)
+    assert all(len(item.options) >= 2 and all(cont.strip() for _, cont in item.pairs) for item in items)
+
+
+# ------------------------------------------------------------------------------------------ real model
+
+
+@pytest.mark.slow
+def test_smollm2_arc_easy_zero_shot_beats_chance():
+    path = DATA / "ARC-Easy" / "test.json"
+    if not path.is_file():
+        pytest.skip(f"real data not present at {path}")
+    from tunelab.models import load_model
+
+    model, tok = load_model("smollm2-135m", "fp32")
+    rows = json.loads(path.read_text(encoding="utf-8"))[:100]
+    items = [mc_item_from_record(r["instruction"], r["answer"], "labeled") for r in rows]
+    start = time.perf_counter()
+    summary = summarize(score_multiple_choice(model, tok, items, batch_size=16))
+    print(f"\nSmolLM2-135M ARC-Easy[:100] zero-shot: {summary} in {time.perf_counter() - start:.1f} s")
+    assert summary["accuracy"] > 0.35 and summary["accuracy_norm"] > 0.35
