@@ -51,6 +51,24 @@ def full_closed_form(model) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def bottleneck_closed_form(b: int, dims: Callable[[Any], list[tuple[int, int]]], bias: bool = True):
+    """Series/parallel adapters: per adapter b·d_in + b·d_out (+ b + d_out biases); dims(cfg) lists one layer's."""
+    def count(model) -> int:
+        cfg = model.config
+        per_layer = sum(b * (i + o) + ((b + o) if bias else 0) for i, o in dims(cfg))
+        return per_layer * cfg.num_hidden_layers
+    return count
+
+
+def _blocks(n: int) -> Callable[[Any], list[tuple[int, int]]]:
+    """n adapters per layer on the residual stream (after/beside MLP and/or attention): d -> d."""
+    return lambda cfg: [(cfg.hidden_size, cfg.hidden_size)] * n
+
+
+def _beside_linears(cfg) -> list[tuple[int, int]]:
+    return [d for k, d in _linear_dims(cfg).items() if k in ("q_proj", "v_proj", "c_attn")]
+
+
 @dataclass
 class Row:
     id: str
@@ -70,6 +88,26 @@ def _qv(name: str) -> bool:
     return name in ("q_proj", "v_proj")
 
 
+def prompt_closed_form(p: int) -> Callable[[Any], int]:
+    """Lester et al.: P soft tokens of the model width d."""
+    return lambda model: p * model.config.hidden_size
+
+
+def prefix_closed_form(p: int, reparam_hidden: int = 0) -> Callable[[Any], int]:
+    """Li & Liang: keys and values of P tokens in L layers, 2·L·P·d_kv (d_kv = kv heads · head dim); with the MLP
+    reparameterisation the trained parameters are E [P, d_kv] + Linear(d_kv, h) + Linear(h, 2·L·d_kv)."""
+    def count(model) -> int:
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        d_kv = getattr(cfg, "num_key_value_heads", heads) * (cfg.hidden_size // heads)
+        out = 2 * cfg.num_hidden_layers * d_kv
+        if not reparam_hidden:
+            return p * out
+        h = reparam_hidden
+        return p * d_kv + d_kv * h + h + h * out + out
+    return count
+
+
 ROWS = [
     Row("full", "full", {}, full_closed_form, mergeable=False,
         mergeable_why="full tuning writes into the base weights: nothing separate to merge",
@@ -80,6 +118,30 @@ ROWS = [
         lora_closed_form(2, _qv), archs=["tiny-llama"]),
     Row("lora-regex-dropout", "lora", {"r": 3, "alpha": 3, "targets": r".*\.mlp\..*", "dropout": 0.1},
         lora_closed_form(3, lambda k: k in ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj"))),
+    Row("series-mlp", "series", {"bottleneck": 8}, bottleneck_closed_form(8, _blocks(1)), mergeable=False,
+        mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
+    # init=normal is LLM-Adapters' N(0, 0.02) init of both projections: the output changes at init by design
+    Row("series-both-normal-nobias", "series",
+        {"bottleneck": 4, "targets": "both", "init": "normal", "bias": False, "activation": "relu", "scaling": 2.0},
+        bottleneck_closed_form(4, _blocks(2), bias=False), identity_at_init=False, mergeable=False,
+        mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
+    Row("parallel-mlp", "parallel", {"bottleneck": 8}, bottleneck_closed_form(8, _blocks(1)), mergeable=False,
+        mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
+    Row("parallel-qv-cattn-dropout", "parallel",
+        {"bottleneck": 4, "targets": ["q_proj", "v_proj", "c_attn"], "activation": "gelu", "dropout": 0.1,
+         "scaling": 4.0},
+        bottleneck_closed_form(4, _beside_linears), mergeable=False,
+        mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
+    # prompt / prefix tuning add attention entries: no initial value leaves every output as it was (a zero value
+    # vector still takes softmax mass from the real tokens), so the output changes at init by design
+    Row("prompt", "prompt", {"num_tokens": 5}, prompt_closed_form(5), identity_at_init=False, mergeable=False,
+        mergeable_why="soft tokens are attended to, not added to weights: no weight update equals them"),
+    Row("prefix", "prefix", {"num_tokens": 4}, prefix_closed_form(4), identity_at_init=False, mergeable=False,
+        mergeable_why="prefix keys/values are attended to, not added to weights: no weight update equals them"),
+    # what is trained (and counted) under reparam is the embedding + MLP; a finished run saves the folded prefix
+    Row("prefix-reparam", "prefix", {"num_tokens": 3, "reparam": True, "reparam_hidden": 16},
+        prefix_closed_form(3, reparam_hidden=16), identity_at_init=False, mergeable=False,
+        mergeable_why="prefix keys/values are attended to, not added to weights: no weight update equals them"),
 ]
 
 CASES = [pytest.param(row, arch, id=f"{row.id}-{arch}") for row in ROWS for arch in row.archs]
@@ -119,6 +181,8 @@ def test_identity_at_init(row, arch):
     model, _, batch, base_logits, _, _ = _setup(row, arch)
     if row.identity_at_init:
         torch.testing.assert_close(_logits(model, batch), base_logits, atol=row.atol, rtol=0)
+    else:  # the row says the method changes the output at init: check that it really does
+        assert not torch.allclose(_logits(model, batch), base_logits, atol=1e-4)
 
 
 @pytest.mark.parametrize(("row", "arch"), CASES)

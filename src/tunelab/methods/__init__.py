@@ -16,6 +16,10 @@ from typing import Any
 REGISTRY: dict[str, str] = {
     "full": "tunelab.methods.full",
     "lora": "tunelab.methods.lora",
+    "series": "tunelab.methods.series",
+    "parallel": "tunelab.methods.parallel",
+    "prompt": "tunelab.methods.prompt",
+    "prefix": "tunelab.methods.prefix",
 }
 
 

@@ -145,9 +145,11 @@ class AdapterLayer(Protocol):
 class MethodHandle:
     """What ``apply`` returns: the applied method's state on one model.
 
-    ``layers`` maps module names to wrapper modules the method put in place of the originals; ``hooks`` are the
-    removable hook handles the method registered. Trainable state is every parameter with ``requires_grad`` plus the
-    method's persistent buffers named in ``extra_state_keys``.
+    ``layers`` maps module names to wrapper modules the method put in place of the originals (or to modules it
+    added, whose ``unwrap()`` returns None: remove() deletes them); ``hooks`` are the removable hook handles the
+    method registered. Trainable state is every parameter with ``requires_grad`` plus the method's persistent
+    buffers named in ``extra_state_keys``. ``fold``, when set, turns a training-time reparameterisation into its
+    inference form in place (outputs unchanged): a finished run saves ``inference_state_dict()``.
     """
 
     name: str
@@ -160,6 +162,7 @@ class MethodHandle:
     enabled: bool = True
     merged: bool = False
     on_disable: Callable[[bool], None] | None = None
+    fold: Callable[[], None] | None = None
 
     # -- parameters ------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
@@ -189,8 +192,20 @@ class MethodHandle:
             out[key] = buffers[key].detach()
         return out
 
+    def inference_state_dict(self) -> dict[str, torch.Tensor]:
+        """What a finished run keeps: ``state_dict()`` after ``fold`` (if the method has one) ran in place."""
+        if self.fold is not None:
+            self.fold()
+        return self.state_dict()
+
+    def _own_state(self) -> dict[str, torch.Tensor]:
+        return {**self.trainable_parameters(), **{k: v for k, v in self.model.named_buffers() if k in self.extra_state_keys}}
+
     def load_state_dict(self, state: dict[str, torch.Tensor], strict: bool = True) -> None:
-        own = {**self.trainable_parameters(), **{k: v for k, v in self.model.named_buffers() if k in self.extra_state_keys}}
+        own = self._own_state()
+        if self.fold is not None and set(state) - set(own):  # saved by inference_state_dict(): fold, then load
+            self.fold()
+            own = self._own_state()
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if strict and (missing or unexpected):
@@ -260,7 +275,11 @@ class MethodHandle:
     def _unwrap_all(self) -> None:
         for name, layer in self.layers.items():
             parent, attr = get_submodule_parent(self.model, name)
-            setattr(parent, attr, layer.unwrap())
+            original = layer.unwrap()
+            if original is None:  # a module the method added rather than wrapped
+                delattr(parent, attr)
+            else:
+                setattr(parent, attr, original)
         self.layers = {}
 
     def remove(self) -> nn.Module:

@@ -143,6 +143,7 @@ class Trainer:
         self.handle: MethodHandle = self.method.apply(self.model, self.cfg.method_config())
         self.handle.upcast_trainable()
         self.params = self.handle.trainable_parameters()
+        self.num_trainable = self.handle.num_trainable()  # what is trained (the saved form may be folded smaller)
         if not self.params:
             raise RunError(f"method '{self.handle.name}' left no trainable parameters")
         self.device = next(iter(self.params.values())).device
@@ -224,9 +225,9 @@ class Trainer:
             "base_model_id": self.base_id,
             "base_fingerprint": self.fingerprint,
             "config_hash": config_hash(self.cfg),
-            "trainable_params": self.handle.num_trainable(),
+            "trainable_params": self.num_trainable,
             "total_params": self.total_params,
-            "trainable_percent": 100.0 * self.handle.num_trainable() / self.total_params,
+            "trainable_percent": 100.0 * self.num_trainable / self.total_params,
             "data": {k: v for k, v in self.data.stats.items() if k != "bad_rows"},
             "bad_rows": self.data.stats.get("bad_rows", [])[:100],
             "world_size": self.info.world_size,
@@ -371,11 +372,11 @@ class Trainer:
             eval_loss=eval_metrics["eval_loss"] if eval_metrics else None, tokens=int(c["tokens"]),
             target_tokens=int(c["target_tokens"]), seconds=c["seconds"],
             tokens_per_s=c["tokens"] / c["seconds"] if c["seconds"] else 0.0, peak_rss_mb=peak_rss_mb(),
-            trainable_params=self.handle.num_trainable(), total_params=self.total_params,
+            trainable_params=self.num_trainable, total_params=self.total_params,
         )
         if self.info.is_main:
             atomic_write_bytes(self.run_dir / ADAPTER_FILE, st_save(
-                {k: v.contiguous() for k, v in self.handle.state_dict().items()},
+                {k: v.contiguous() for k, v in self.handle.inference_state_dict().items()},
                 metadata={"method": self.handle.name, "format": "tunelab"}))
             if hasattr(self.method, "export"):
                 self.method.export(self.handle, self.run_dir / "peft", self.base_id)
