@@ -129,13 +129,15 @@ def test_fingerprint_stable_across_loads(name: str) -> None:
     assert len(first) == 32 and int(first, 16) >= 0
 
 
-def test_fingerprint_changes_with_one_weight_and_dtype() -> None:
+def test_fingerprint_changes_with_one_weight_not_with_load_dtype() -> None:
     model, _ = load_model("tiny-llama", "fp32")
     before = model_fingerprint(model)
+    # a run trained on the bf16 copy must be loadable onto the fp32 copy of the same base
+    assert model_fingerprint(load_model("tiny-llama", "bf16")[0]) == before
+    assert model_fingerprint(load_model("tiny-gpt2", "fp32")[0]) != before
     with torch.no_grad():
-        next(model.parameters()).view(-1)[0] += 1e-3
+        next(model.parameters()).view(-1)[0] += 1e-2
     assert model_fingerprint(model) != before
-    assert model_fingerprint(load_model("tiny-llama", "bf16")[0]) != before
 
 
 def test_fingerprint_independent_of_registration_order() -> None:

@@ -184,3 +184,24 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     assert len(curves["one"]) == 5
     for a, b in zip(curves["one"], curves["two"], strict=True):
         assert a == pytest.approx(b, rel=1e-4, abs=1e-5)
+
+
+def test_bf16_run_loads_in_fp32_and_full_tuning_starts_from_fp32_weights(tmp_path):
+    """Frozen weights go bf16, trained ones stay fp32 from the fp32 source; the run loads back in fp32."""
+    from tunelab.train.loop import Trainer
+
+    cfg = config_from_dict(cfg_dict(tmp_path, model={"name": "tiny-llama", "dtype": "bf16"}, train__max_steps=1))
+    trainer = Trainer(cfg)
+    trainer.setup()
+    dtypes = {p.dtype for p in trainer.model.parameters() if not p.requires_grad}
+    assert dtypes == {torch.bfloat16} and {p.dtype for p in trainer.params.values()} == {torch.float32}
+    res = train(cfg)
+    model, _, _, _ = load_run(res.run_dir, dtype="fp32")
+    assert next(model.parameters()).dtype == torch.float32
+    full = config_from_dict(cfg_dict(tmp_path / "full", model={"name": "tiny-llama", "dtype": "bf16"},
+                                     method={"name": "full"}))
+    t = Trainer(full)
+    t.setup()
+    reference, _ = tiny()
+    w = t.model.model.layers[0].mlp.up_proj.weight
+    assert w.dtype == torch.float32 and torch.equal(w, reference.model.layers[0].mlp.up_proj.weight)

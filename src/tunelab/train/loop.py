@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 import math
 import resource
 import sys
@@ -87,6 +88,14 @@ def autocast_context(mode: str, model_dtype: torch.dtype, device: torch.device) 
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
+    """Keep frozen weights in ``dtype`` (bf16 where the CPU is fast at it: half the memory, no per-step recast);
+    trainable weights stay fp32."""
+    for p in model.parameters():
+        if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+
+
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile every repeated transformer block (the classes in ``model._no_split_modules``).
 
@@ -132,16 +141,20 @@ class Trainer:
         elif self.info.enabled:
             torch.set_num_threads(max(1, (torch.get_num_threads()) // self.info.world_size))
         torch.manual_seed(t.seed)
-        if self._model is None:
-            self._model, self._tokenizer = load_model(self.cfg.model.name, self.cfg.model.dtype)
+        from tunelab.models import resolve_dtype
+
+        frozen_dtype = resolve_dtype(self.cfg.model.dtype)
+        if self._model is None:  # load in fp32 so trainable weights start from full-precision values
+            self._model, self._tokenizer = load_model(self.cfg.model.name, "fp32")
         self.model, self.tokenizer = self._model, self._tokenizer
-        self.base_dtype = next(self.model.parameters()).dtype
         self.base_id = describe_spec(self.cfg.model.name)
         self.fingerprint = model_fingerprint(self.model)
         self.total_params = count_parameters(self.model)
         self.method = get_method(self.cfg.method_name())
         self.handle: MethodHandle = self.method.apply(self.model, self.cfg.method_config())
         self.handle.upcast_trainable()
+        cast_frozen(self.model, frozen_dtype)
+        self.base_dtype = frozen_dtype  # the compute dtype: bf16 turns autocast on (train.autocast: auto)
         self.params = self.handle.trainable_parameters()
         self.num_trainable = self.handle.num_trainable()  # what is trained (the saved form may be folded smaller)
         if not self.params:
@@ -185,7 +198,7 @@ class Trainer:
             raise RunError(f"{self.run_dir} already holds a run. Pass --resume to continue it, or choose another "
                            f"output_dir (--set output_dir=...)")
         if self.resume and meta_path.exists():
-            old = __import__("json").loads(meta_path.read_text())
+            old = json.loads(meta_path.read_text())
             if old.get("config_hash") != config_hash(self.cfg):
                 raise RunError(f"{self.run_dir}: --resume needs the same config as the interrupted run; "
                                f"compare with {self.run_dir / CONFIG_FILE}")
@@ -397,8 +410,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
     if not path.is_file():
         return
-    import json
-
     keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
     atomic_write_text(path, "".join(line + "\n" for line in keep))
 
