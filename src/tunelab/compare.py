@@ -243,7 +243,7 @@ def _chart(cfg: CompareConfig, results: list[dict[str, Any]], path: Path) -> Non
         hi = [100 * (r["tasks"].get(t, {}).get("ci_high") or 0) - a for a, t in zip(accs, tasks, strict=True)]
         xs = [j + i * width for j in range(len(tasks))]
         ax.bar(xs, accs, width, yerr=[lo, hi], capsize=3,
-               label=f"{r['label']} ({r['trainable_percent']:.2g}% params)")
+               label=f"{r['label']} ({r['trainable_percent']:.3g}% params)")
     ax.set_xticks([j + width * (len(ok) - 1) / 2 for j in range(len(tasks))], tasks)
     ax.set_ylabel("accuracy (%) with 95% CI")
     ax.set_title(cfg.name)

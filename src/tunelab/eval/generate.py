@@ -8,6 +8,7 @@ in fp32; in bf16 the matmul blocking can differ with the batch shape and flip ne
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,16 @@ class GenerationSettings:
 class Generation:
     text: str  # decoded continuation, cut at the first stop string
     n_tokens: int  # tokens generated (up to and including EOS, excluding padding)
+
+
+def progress(batches: range, what: str) -> Any:
+    """A progress bar over batches (stderr; hidden for a single batch or when TUNELAB_PROGRESS=0)."""
+    import os
+
+    from tqdm.auto import tqdm
+
+    quiet = os.environ.get("TUNELAB_PROGRESS", "1") == "0" or len(batches) <= 1
+    return tqdm(batches, desc=what, unit="batch", disable=quiet, leave=False, file=sys.stderr)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,7 +83,7 @@ def generate_ids(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
     results: list[Generation | None] = [None] * len(prompt_ids)
     extra = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
     try:
-        for start in range(0, len(order), settings.batch_size):
+        for start in progress(range(0, len(order), settings.batch_size), "generate"):
             idx = order[start: start + settings.batch_size]
             ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_id)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from tunelab.eval.choices import MCItem
+from tunelab.eval.generate import progress
 
 __all__ = ["MCResult", "continuation_logprobs", "encode_pair", "score_multiple_choice", "summarize"]
 
@@ -160,7 +161,7 @@ def continuation_logprobs(
     was_training = model.training
     model.eval()
     try:
-        for start in range(0, len(order), batch_size):
+        for start in progress(range(0, len(order), batch_size), "loglik"):
             idx = order[start : start + batch_size]
             for i, lp in zip(idx, _batch_logprobs(model, [rows[i] for i in idx], pad_id), strict=True):
                 scores[i] = (lp, len(rows[i][1]))
