@@ -16,7 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
+from tunelab.data.tokenize import IGNORE_INDEX
+
+__all__ = ["IGNORE_INDEX", "count_targets", "mean_nll", "nll_sum"]
 
 
 def count_targets(labels: torch.Tensor) -> int:
