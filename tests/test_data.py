@@ -27,6 +27,8 @@ from tunelab.data import (
     tokenize_records,
 )
 
+from conftest import SHARED_DATA
+
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -428,7 +430,7 @@ def test_collate_pad_to_multiple_of():
 
 # ---------------------------------------------------------------------------------------------- real files
 
-LLM_ADAPTERS = Path(__file__).resolve().parents[2] / "shared/data/llm-adapters"
+LLM_ADAPTERS = SHARED_DATA
 
 
 def row_start_lines(path: Path) -> list[int]:

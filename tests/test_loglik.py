@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,9 @@ from tunelab.eval.loglik import (
     summarize,
 )
 
-from conftest import tiny
+from conftest import SHARED_DATA, tiny
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/llm-adapters"
+DATA = SHARED_DATA  # the one place that knows where ../shared/data is
 
 PAIRS = [
     ("Question: What colour is the sky?\nAnswer:", " blue"),

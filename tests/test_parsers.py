@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -25,7 +24,9 @@ from tunelab.eval.parsers import (
     parse_number,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared/data/llm-adapters"
+from conftest import SHARED_DATA
+
+DATA = SHARED_DATA  # the one place that knows where ../shared/data is
 
 # ------------------------------------------------------------------------------------------------ number
 

@@ -39,7 +39,13 @@ from tunelab.runs import (
     atomic_write_text,
 )
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.batches import BatchPlan, PreparedData, prepare_data, step_micro_batches
+from tunelab.train.batches import (
+    BatchPlan,
+    PreparedData,
+    all_step_micro_batches,
+    prepare_data,
+    step_micro_batches,
+)
 from tunelab.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from tunelab.train.objective import mean_nll, nll_sum
 from tunelab.train.schedules import lr_factor, warmup_steps_for
@@ -252,8 +258,7 @@ class Trainer:
     def _step(self, step: int) -> dict[str, float]:
         t, info = self.cfg.train, self.info
         ids = step_micro_batches(step, t.grad_accum, info.world_size, info.rank)
-        n_target = sum(self.plan.targets(g) for g in range(step * t.grad_accum * info.world_size,
-                                                              (step + 1) * t.grad_accum * info.world_size))
+        n_target = sum(self.plan.targets(g) for g in all_step_micro_batches(step, t.grad_accum, info.world_size))
         total, tokens = 0.0, 0
         for i, g in enumerate(ids):
             batch, n_tok = self.plan.micro_batch(g)
