@@ -46,29 +46,44 @@ MODEL = "smollm2-135m"
 BATCH, SEQ_LEN, PROMPT_LEN = 8, 128, 64
 RESPONSE_LEN = SEQ_LEN - PROMPT_LEN  # response words + EOS
 LORA = {"r": 8, "alpha": 16, "targets": "all-linear"}
-LR = {"full": 1e-5, "lora": 2e-4}
+VIRTUAL_TOKENS = 20  # prompt and prefix tuning (peft's and tunelab's), LLM-Adapters' prefix setting
+BOTTLENECK = 36  # series / parallel adapters: 576 / 16, AdapterHub's reduction_factor 16 on this model
+METHOD_OPTIONS: dict[str, dict[str, Any]] = {
+    "full": {}, "lora": LORA, "prompt": {"num_tokens": VIRTUAL_TOKENS, "init": "vocab"},
+    "prefix": {"num_tokens": VIRTUAL_TOKENS}, "series": {"bottleneck": BOTTLENECK, "targets": "mlp"},
+    "parallel": {"bottleneck": BOTTLENECK, "targets": "mlp"},
+}
+LR = {"full": 1e-5, "lora": 2e-4, "prompt": 3e-2, "prefix": 1e-2, "series": 1e-3, "parallel": 1e-3}
 CLEAN_FOREIGN_CORES = 0.25  # a step is "clean" when other processes used fewer cores than this
 MAX_NOISY_SHARE = 0.25  # rerun a configuration when more of its measured steps than this were not clean
-TARGETS = {"lora_tokens_per_s_vs_peft": 2.0, "lora_peak_rss_vs_peft_max": 0.6, "full_tokens_per_s_vs_plain": 1.5}
+TARGETS = {"lora_tokens_per_s_vs_peft": 2.0, "lora_peak_rss_vs_peft_max": 0.6, "full_tokens_per_s_vs_plain": 1.5,
+           "pet_tokens_per_s_vs_peer": 2.0}
+# AdapterHub `adapters` 1.x needs transformers 4.x: its worker runs under this interpreter (a venv with torch,
+# transformers 4.57 and adapters 1.3; see bench/README.md). Unset or missing: the adapters rows are skipped.
+ADAPTERS_PYTHON = os.environ.get("TUNELAB_ADAPTERS_PYTHON", "")
 
 
 @dataclass(frozen=True)
 class Spec:
     """One benchmarked configuration."""
 
-    kind: str  # "tunelab" | "peft" | "plain"
-    method: str  # "full" | "lora"
+    kind: str  # "tunelab" | "peft" | "plain" | "adapters"
+    method: str  # a key of METHOD_OPTIONS
     description: str
     dtype: str = "auto"  # model load dtype
     autocast: bool = False  # peer loops only; tunelab decides itself (auto: bf16 autocast with bf16 weights)
     compile: bool = False  # tunelab only: train.compile
 
 
+def _tunelab(method: str, what: str) -> Spec:
+    return Spec("tunelab", method, f"tunelab loop, {what}, dtype auto (bf16 frozen base, fp32 trainable "
+                                   "weights, bf16 autocast, fp32 attention)")
+
+
 CONFIGS: dict[str, Spec] = {
     "tunelab-full": Spec("tunelab", "full", "tunelab loop, full tuning, dtype auto (bf16 frozen copy; trainable "
                                             "weights fp32 + bf16 autocast)"),
-    "tunelab-lora": Spec("tunelab", "lora", "tunelab loop, LoRA r=8 alpha=16 all-linear, dtype auto (bf16 base, "
-                                            "fp32 adapters, bf16 autocast)"),
+    "tunelab-lora": _tunelab("lora", "LoRA r=8 alpha=16 all-linear"),
     "tunelab-full-compile": Spec("tunelab", "full", "as tunelab-full with train.compile: true", compile=True),
     "tunelab-lora-compile": Spec("tunelab", "lora", "as tunelab-lora with train.compile: true", compile=True),
     "peft-lora-fp32": Spec("peft", "lora", "peft LoRA r=8 alpha=16 all-linear on the fp32 model, plain loop",
@@ -78,6 +93,26 @@ CONFIGS: dict[str, Spec] = {
     "plain-full-fp32": Spec("plain", "full", "transformers + torch loop, full tuning, fp32", dtype="fp32"),
     "plain-full-bf16autocast": Spec("plain", "full", "transformers + torch loop, full tuning, fp32 weights, "
                                                      "forward under bf16 autocast", dtype="fp32", autocast=True),
+    "tunelab-prompt": _tunelab("prompt", f"prompt tuning, {VIRTUAL_TOKENS} soft tokens"),
+    "peft-prompt-fp32": Spec("peft", "prompt", f"peft prompt tuning, {VIRTUAL_TOKENS} virtual tokens, fp32 model",
+                             dtype="fp32"),
+    "peft-prompt-bf16": Spec("peft", "prompt", "peft prompt tuning on the bf16 model under bf16 autocast",
+                             dtype="bf16", autocast=True),
+    "tunelab-prefix": _tunelab("prefix", f"prefix tuning, {VIRTUAL_TOKENS} virtual tokens, no reparameterisation"),
+    "peft-prefix-fp32": Spec("peft", "prefix", f"peft prefix tuning, {VIRTUAL_TOKENS} virtual tokens, fp32 model",
+                             dtype="fp32"),
+    "peft-prefix-bf16": Spec("peft", "prefix", "peft prefix tuning on the bf16 model under bf16 autocast",
+                             dtype="bf16", autocast=True),
+    "tunelab-series": _tunelab("series", f"series adapter after the MLP, bottleneck {BOTTLENECK}"),
+    "adapters-series-fp32": Spec("adapters", "series", f"AdapterHub adapters SeqBnConfig (after the FFN), "
+                                                       f"bottleneck {BOTTLENECK}, fp32 model", dtype="fp32"),
+    "adapters-series-bf16": Spec("adapters", "series", "AdapterHub SeqBn on the bf16 model under bf16 autocast",
+                                 dtype="bf16", autocast=True),
+    "tunelab-parallel": _tunelab("parallel", f"parallel adapter beside the MLP, bottleneck {BOTTLENECK}"),
+    "adapters-parallel-fp32": Spec("adapters", "parallel", f"AdapterHub adapters ParBnConfig (beside the FFN), "
+                                                           f"bottleneck {BOTTLENECK}, fp32 model", dtype="fp32"),
+    "adapters-parallel-bf16": Spec("adapters", "parallel", "AdapterHub ParBn on the bf16 model under bf16 "
+                                                           "autocast", dtype="bf16", autocast=True),
 }
 
 
@@ -150,6 +185,10 @@ def worker_prepare(workdir: Path, steps: int) -> dict[str, Any]:
         for r in records:
             f.write(json.dumps({"instruction": r.instruction, "input": "", "output": r.output}) + "\n")
     (workdir / "tokens.json").write_text(json.dumps([[e.input_ids, e.labels] for e in examples]))
+    # the safetensors copy of the embedded model, which the adapters venv (transformers 4.x) loads directly
+    from tunelab.models import _cache_root
+
+    (workdir / "model_dir.txt").write_text(str(_cache_root() / "models" / MODEL))
     return {
         "model": describe_model(model),
         "model_dtype_auto": str(next(model.parameters()).dtype),
@@ -286,7 +325,7 @@ def worker_tunelab(spec: Spec, workdir: Path, name: str, steps: int) -> dict[str
     from tunelab.config import config_from_dict
     from tunelab.train.loop import train
 
-    method = {"name": "full"} if spec.method == "full" else {"name": "lora", **LORA}
+    method = {"name": spec.method, **METHOD_OPTIONS[spec.method]}
     train_section: dict[str, Any] = {"max_steps": steps, "batch_size": BATCH, "lr": LR[spec.method],
                                      "progress": False, "log_every": 1, "seed": 0}
     if spec.compile:
@@ -313,23 +352,50 @@ def worker_tunelab(spec: Spec, workdir: Path, name: str, steps: int) -> dict[str
     }
 
 
+def peer_model(spec: Spec, workdir: Path) -> Any:
+    """The peer's model with its method applied: peft (LoRA, prompt, prefix), plain full tuning, or AdapterHub
+    (in its own interpreter with transformers 4.x: tunelab is not imported there, the model is read from the
+    safetensors directory the prepare step recorded)."""
+    import torch
+
+    if spec.kind == "adapters":
+        import adapters
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(
+            (workdir / "model_dir.txt").read_text().strip(),
+            dtype=torch.bfloat16 if spec.dtype == "bf16" else torch.float32, attn_implementation="sdpa")
+        adapters.init(model)
+        reduction = model.config.hidden_size / BOTTLENECK
+        cls = adapters.SeqBnConfig if spec.method == "series" else adapters.ParBnConfig
+        model.add_adapter("bench", config=cls(reduction_factor=reduction))
+        model.train_adapter("bench")
+        return model
+    from tunelab.models import load_model
+
+    model, _ = load_model(MODEL, spec.dtype)
+    if spec.kind == "plain":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    import peft
+
+    configs = {
+        "lora": lambda: peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
+                                        lora_dropout=0.0, task_type="CAUSAL_LM"),
+        "prompt": lambda: peft.PromptTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, task_type="CAUSAL_LM"),
+        "prefix": lambda: peft.PrefixTuningConfig(num_virtual_tokens=VIRTUAL_TOKENS, task_type="CAUSAL_LM"),
+    }
+    return peft.get_peft_model(model, configs[spec.method]())
+
+
 def worker_peer(spec: Spec, workdir: Path, steps: int) -> dict[str, Any]:
     """The idiomatic loop: model(..., labels=labels).loss.backward(); AdamW step; zero_grad."""
     import torch
 
-    from tunelab.models import load_model
-
     probes = Probes()
     torch.manual_seed(0)
-    model, _ = load_model(MODEL, spec.dtype)
-    if spec.kind == "peft":
-        from peft import LoraConfig, get_peft_model
-
-        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear",
-                                                 lora_dropout=0.0, task_type="CAUSAL_LM"))
-    else:
-        for p in model.parameters():
-            p.requires_grad_(True)
+    model = peer_model(spec, workdir)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR[spec.method])
@@ -349,12 +415,15 @@ def worker_peer(spec: Spec, workdir: Path, steps: int) -> dict[str, Any]:
         step_s.append(time.perf_counter() - t0)
         losses.append(out.loss.detach().item())
         log(f"  step {step + 1}/{steps}: {step_s[-1]:.3f} s, loss {losses[-1]:.4f}")
+    import transformers
+
     return {
         "step_s": step_s, "tokens": [BATCH * SEQ_LEN] * steps, "loss": losses,
         "lm_head_positions": BATCH * SEQ_LEN,  # transformers computes logits at every position
         "trainable_params": sum(p.numel() for p in params),
         "total_params": sum(p.numel() for p in model.parameters()),
         "trainable_dtypes": sorted({str(p.dtype) for p in params}),
+        "transformers_version": transformers.__version__,
         **memory_report(probes),
     }
 
@@ -383,7 +452,8 @@ def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
 def run_child(name: str, workdir: Path, steps: int, timeout: float, env: dict[str, str] | None = None
               ) -> dict[str, Any]:
     """Run ``--worker name`` in a fresh interpreter; its stderr is passed through, its result line parsed."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
+    python = ADAPTERS_PYTHON if name in CONFIGS and CONFIGS[name].kind == "adapters" else sys.executable
+    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
            "--steps", str(steps)]
     load_before = load_average()
     t0 = time.perf_counter()
@@ -511,6 +581,12 @@ def _compare(configs: dict[str, Any], mine: str, peers: tuple[str, ...], memory_
 def ratios(configs: dict[str, Any]) -> dict[str, Any]:
     peft, plain = ("peft-lora-fp32", "peft-lora-bf16"), ("plain-full-fp32", "plain-full-bf16autocast")
     out: dict[str, Any] = {}
+    peers = {"prompt": ("peft-prompt-fp32", "peft-prompt-bf16"), "prefix": ("peft-prefix-fp32", "peft-prefix-bf16"),
+             "series": ("adapters-series-fp32", "adapters-series-bf16"),
+             "parallel": ("adapters-parallel-fp32", "adapters-parallel-bf16")}
+    for method, names in peers.items():
+        out[f"tunelab-{method} vs best {names[0].rsplit('-', 1)[0]}"] = _compare(configs, f"tunelab-{method}",
+                                                                                 names, None)
     for suffix in ("", "-compile"):
         out[f"tunelab-lora{suffix} vs best peft-lora"] = _compare(configs, f"tunelab-lora{suffix}", peft,
                                                                   "peft-lora-fp32")
@@ -525,6 +601,8 @@ def target_met(key: str, value: dict[str, Any]) -> dict[str, bool | None]:
     def at_least(x: float | None, bound: float) -> bool | None:
         return None if x is None else x >= bound
 
+    if key.split(" ")[0] in ("tunelab-prompt", "tunelab-prefix", "tunelab-series", "tunelab-parallel"):
+        return {"tokens_per_s >= 2x": at_least(value["tokens_per_s_ratio"], TARGETS["pet_tokens_per_s_vs_peer"])}
     if "lora" in key:
         rss = value["peak_rss_ratio"]
         return {"tokens_per_s >= 2x": at_least(value["tokens_per_s_ratio"], TARGETS["lora_tokens_per_s_vs_peft"]),
@@ -600,6 +678,9 @@ def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[s
     skipped: dict[str, str] = {}
     if not prep["compile_available"]:
         skipped = {n: "TrainSection has no 'compile' field in this tunelab" for n in names if CONFIGS[n].compile}
+    if not (ADAPTERS_PYTHON and Path(ADAPTERS_PYTHON).exists()):
+        skipped.update({n: "set TUNELAB_ADAPTERS_PYTHON to a Python with adapters 1.x + transformers 4.x (see "
+                           "bench/README.md)" for n in names if CONFIGS[n].kind == "adapters"})
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names if n not in skipped}
     for rep in range(args.repeats):
         for name in runs:
@@ -627,7 +708,7 @@ def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -
                      "prompt_tokens_per_row": PROMPT_LEN, "target_positions_per_row": RESPONSE_LEN,
                      "steps": args.steps, "warmup_steps_excluded": args.warmup,
                      "warmup_steps_excluded_compile": args.warmup_compile, "repeats": args.repeats,
-                     "lora": LORA, "lr": LR, "data": prep["data"], "wait_idle_s": args.wait_idle,
+                     "method_options": METHOD_OPTIONS, "lr": LR, "data": prep["data"], "wait_idle_s": args.wait_idle,
                      "retry_noisy": args.retry_noisy,
                      "compile_cache": "user's TorchInductor cache" if args.warm_compile_cache
                      else "empty cache per compile run (cold compilation)"},
@@ -651,7 +732,9 @@ def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -
         "configs": configs,
         "ratios": ratios(configs),
         "targets": {"tunelab-lora tokens/s vs peft-lora": ">= 2x", "tunelab-lora peak RSS vs peft-lora": "<= 0.6x",
-                    "tunelab-full tokens/s vs plain loop": ">= 1.5x"},
+                    "tunelab-full tokens/s vs plain loop": ">= 1.5x",
+                    "tunelab prompt/prefix tokens/s vs peft": ">= 2x",
+                    "tunelab series/parallel tokens/s vs AdapterHub adapters": ">= 2x"},
         "notes": [
             "peak_rss_mib: ru_maxrss of the configuration's own child process (the parent imports no torch, "
             "so nothing is inherited across exec); peak_rss_train_mib: VmHWM right after the last optimizer "

@@ -87,6 +87,7 @@ class TrainSection:
     max_grad_norm: float | None = 1.0
     seed: int = 42
     autocast: Literal["auto", "bf16", "off"] = "auto"
+    fp32_attention: bool = True  # under bf16 autocast, attention in fp32 (faster backward on CPU; tunelab.train.attention)
     eval_every: int = 0  # steps; 0 = only at the end (when an eval set exists)
     save_every: int = 0  # steps; 0 = only the final weights
     keep_checkpoints: int = 2

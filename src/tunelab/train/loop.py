@@ -39,6 +39,7 @@ from tunelab.runs import (
     atomic_write_text,
 )
 from tunelab.train import checkpoint as ckpt
+from tunelab.train.attention import use_fp32_attention
 from tunelab.train.batches import (
     BatchPlan,
     PreparedData,
@@ -86,10 +87,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def autocast_enabled(mode: str, model_dtype: torch.dtype) -> bool:
+    return mode == "bf16" or (mode == "auto" and model_dtype == torch.bfloat16)
+
+
 def autocast_context(mode: str, model_dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
     """bf16 autocast when asked, or ('auto') when the frozen weights are bf16."""
-    enabled = mode == "bf16" or (mode == "auto" and model_dtype == torch.bfloat16)
-    if not enabled:
+    if not autocast_enabled(mode, model_dtype):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
@@ -175,6 +179,9 @@ class Trainer:
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.plan.batches_in_epoch() / per_step))
         self.warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
         self._build_optimizer()
+        self._restore_attention = lambda: None
+        if t.fp32_attention and autocast_enabled(t.autocast, frozen_dtype):
+            self._restore_attention = use_fp32_attention(self.model)
         if t.compile:
             compile_blocks(self.model)
         self.forward = LossModule(self.model)
@@ -334,6 +341,8 @@ class Trainer:
             if self.info.is_main and not isinstance(e, TrainingDiverged):
                 self._write_meta("failed", error=f"{type(e).__name__}: {e}")
             raise
+        finally:
+            self._restore_attention()
         return result
 
     def _loop(self, start: int) -> TrainResult:
