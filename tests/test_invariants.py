@@ -108,6 +108,18 @@ def prefix_closed_form(p: int, reparam_hidden: int = 0) -> Callable[[Any], int]:
     return count
 
 
+def reft_closed_form(r: int, interventions_per_layer: int, layers: int | None = None) -> Callable[[Any], int]:
+    """Wu et al. (2024): W, R (or W₁, W₂) ∈ ℝ^{r×d} and b ∈ ℝ^r, so 2rd + r per intervention; one per chosen layer
+    when tied, one per span (first n / last m) when untied."""
+    def count(model) -> int:
+        cfg = model.config
+        n_layers = cfg.num_hidden_layers if layers is None else layers
+        return (2 * r * cfg.hidden_size + r) * interventions_per_layer * n_layers
+    return count
+
+
+REFT_NO_MERGE = "ReFT edits hidden states at chosen prompt positions only: no weight update equals it"
+
 ROWS = [
     Row("full", "full", {}, full_closed_form, mergeable=False,
         mergeable_why="full tuning writes into the base weights: nothing separate to merge",
@@ -142,6 +154,16 @@ ROWS = [
     Row("prefix-reparam", "prefix", {"num_tokens": 3, "reparam": True, "reparam_hidden": 16},
         prefix_closed_form(3, reparam_hidden=16), identity_at_init=False, mergeable=False,
         mergeable_why="prefix keys/values are attended to, not added to weights: no weight update equals them"),
+    # ReFT starts from pyreft's init (R / W₂ orthonormal, W and b nn.Linear-random): the output changes at init
+    Row("loreft-tied", "loreft", {"r": 2, "positions": "f2+l2"}, reft_closed_form(2, 1),
+        identity_at_init=False, mergeable=False, mergeable_why=REFT_NO_MERGE),
+    Row("loreft-untied-layer1-gelu-dropout", "loreft",
+        {"r": 3, "layers": [1], "positions": "f3+l2", "tied": False, "activation": "gelu", "dropout": 0.1},
+        reft_closed_form(3, 2, layers=1), identity_at_init=False, mergeable=False, mergeable_why=REFT_NO_MERGE),
+    Row("direft-tied", "direft", {"r": 2, "positions": "f2+l2"}, reft_closed_form(2, 1),
+        identity_at_init=False, mergeable=False, mergeable_why=REFT_NO_MERGE),
+    Row("direft-untied-last-only", "direft", {"r": 2, "positions": "l3", "tied": False}, reft_closed_form(2, 1),
+        identity_at_init=False, mergeable=False, mergeable_why=REFT_NO_MERGE, archs=["tiny-llama"]),
 ]
 
 CASES = [pytest.param(row, arch, id=f"{row.id}-{arch}") for row in ROWS for arch in row.archs]

@@ -26,6 +26,7 @@ import torch
 
 from tunelab.eval.choices import MCItem
 from tunelab.eval.generate import progress
+from tunelab.methods.core import prompt_lengths
 
 __all__ = ["MCResult", "continuation_logprobs", "encode_pair", "score_multiple_choice", "summarize"]
 
@@ -131,7 +132,9 @@ def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[int]]], pad_id:
         pos_idx += range(len(inp) - len(cont), len(inp))  # position t predicts token t + 1
         targets += cont
     device = next(model.parameters()).device
-    out, is_hidden = _decoder_hidden(model, ids.to(device), mask.to(device))
+    context = torch.tensor([len(inp) - len(cont) + 1 for inp, cont in rows], device=device)  # the prompt span
+    with prompt_lengths(context):
+        out, is_hidden = _decoder_hidden(model, ids.to(device), mask.to(device))
     picked = out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
     logits = model.get_output_embeddings()(picked) if is_hidden else picked
     cap = getattr(model.config, "final_logit_softcapping", None)

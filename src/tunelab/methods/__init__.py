@@ -20,6 +20,8 @@ REGISTRY: dict[str, str] = {
     "parallel": "tunelab.methods.parallel",
     "prompt": "tunelab.methods.prompt",
     "prefix": "tunelab.methods.prefix",
+    "loreft": "tunelab.methods.loreft",
+    "direft": "tunelab.methods.direft",
 }
 
 

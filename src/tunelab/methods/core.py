@@ -3,12 +3,15 @@
 A method is one module with a typed ``Config`` and ``apply(model, config) -> MethodHandle``. This file knows
 nothing about any particular method: methods that wrap layers give the handle their wrapper modules (each may
 implement ``merge()``, ``unmerge()`` and ``unwrap()``); methods that act through hooks register them with
-``handle.add_hook`` so that ``remove()`` takes off exactly the hooks the method added.
+``handle.add_hook`` so that ``remove()`` takes off exactly the hooks the method added. Methods that act on prompt
+positions (ReFT) read the prompt span of each row from ``current_prompt_lengths()``, which the callers that know it
+(the training objective, log-likelihood scoring) set with ``prompt_lengths(...)``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -312,3 +315,32 @@ def param_dtype_device(module: nn.Module) -> tuple[torch.dtype, torch.device]:
     p = next(iter(module.parameters()))
     return p.dtype, p.device
 
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Prompt spans (for methods that act on prompt positions)
+# --------------------------------------------------------------------------------------------------------------
+
+_PROMPT_LENGTHS: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("tunelab_prompt_lengths",
+                                                                                      default=None)
+
+
+@contextlib.contextmanager
+def prompt_lengths(lengths: torch.Tensor | None) -> Iterator[None]:
+    """Within the block, row b of every model call starts with ``lengths[b]`` prompt tokens (counted from its first
+    real token, whatever the padding side); the rest of the row's real tokens are the response.
+
+    Callers that know the prompt/response split set it (``tunelab.train.objective.nll_sum`` from the labels,
+    ``tunelab.eval.loglik`` from the context length). Without it a position-aware method takes every real token
+    of the input as the prompt, which is exactly the prefill pass of generation.
+    """
+    token = _PROMPT_LENGTHS.set(lengths)
+    try:
+        yield
+    finally:
+        _PROMPT_LENGTHS.reset(token)
+
+
+def current_prompt_lengths() -> torch.Tensor | None:
+    """The per-row prompt lengths set by the innermost ``prompt_lengths`` block (None outside any)."""
+    return _PROMPT_LENGTHS.get()

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.data.tokenize import IGNORE_INDEX
+from tunelab.methods.core import prompt_lengths
 
-__all__ = ["IGNORE_INDEX", "count_targets", "mean_nll", "nll_sum"]
+__all__ = ["IGNORE_INDEX", "count_targets", "mean_nll", "nll_sum", "prompt_lengths_from_labels"]
 
 
 def count_targets(labels: torch.Tensor) -> int:
@@ -35,6 +36,22 @@ def _decoder(model: nn.Module) -> nn.Module:
     return body
 
 
+def prompt_lengths_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Per row, the number of real tokens before the first target: the prompt of a prompt-masked example.
+
+    Real tokens are those of ``attention_mask`` (all when None), on either padding side. A row whose first real
+    token already carries a label (``data.train_on_prompt``, plain language modelling) or that has no target at
+    all shows no prompt/response split: its whole real length is returned, as for a bare prompt.
+    """
+    real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    start = real.int().argmax(dim=1)
+    n_real = real.sum(dim=1)
+    is_target = (labels != IGNORE_INDEX) & real
+    first = is_target.int().argmax(dim=1)
+    split = is_target.any(dim=1) & (first > start)
+    return torch.where(split, first - start, n_real)
+
+
 def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """(Σ token NLL over target positions, number of target positions) for one micro-batch.
 
@@ -42,7 +59,8 @@ def nll_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     """
     labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    hidden = _decoder(model)(**inputs, use_cache=False).last_hidden_state
+    with prompt_lengths(prompt_lengths_from_labels(labels, batch.get("attention_mask"))):
+        hidden = _decoder(model)(**inputs, use_cache=False).last_hidden_state
     targets = labels[:, 1:]
     keep = targets != IGNORE_INDEX
     h = hidden[:, :-1][keep]
