@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from test_train import cfg_dict
 from tunelab.config import config_from_dict
 from tunelab.train.attention import FP32_SDPA, use_fp32_attention
 
 from conftest import batch_for, tiny
-from test_train import cfg_dict
 
 
 @pytest.fixture
