@@ -57,6 +57,13 @@ def load_quantized_base(path: str | Path, dtype: str = "auto") -> tuple[Any, Any
     return model, tokenizer
 
 
+def quantized_numel(model: nn.Module) -> int:
+    """Weights held as codes by QuantLinear layers (not parameters, so count_parameters misses them)."""
+    from tunelab.quant.linear import QuantLinear
+
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+
+
 def describe_quantized_base(path: str | Path) -> str:
     meta = read_base_meta(path)
     q = meta["quantize"]
@@ -136,3 +143,21 @@ def install_run_quantization(model: nn.Module, run_dir: str | Path, cfg: Any) ->
         raise QuantError(f"{run_dir} was trained on a quantized base (quantize section in its config) but has no "
                          f"{QUANT_FILE}; it was written by an older tunelab or the file was removed")
     install_quantized_layers(model, path)
+
+
+def quantize_to_dir(spec: str, section: Any, lora: Any, out: str | Path) -> tuple[QuantState, dict[str, Any]]:
+    """`tunelab quantize`: load ``spec`` in fp32, quantize it (LoftQ when ``section.init == 'loftq'``, for the
+    LoRA config ``lora``), write the quantized base directory ``out``; returns the state and the memory report."""
+    from tunelab.models import load_model, model_fingerprint
+
+    if is_quantized_base(spec):
+        raise QuantError(f"{spec} is already a quantized base; quantize the original model "
+                         f"{read_base_meta(spec)['base_model']!r}")
+    model, _ = load_model(spec, "fp32")
+    fingerprint = model_fingerprint(model)
+    state = quantize_model(model, section, lora)
+    adapter = {}
+    for name, (a, b) in state.factors.items():
+        adapter[f"{name}.lora_A"], adapter[f"{name}.lora_B"] = a, b
+    write_quantized_base(out, state, model, spec, fingerprint, adapter)
+    return state, memory_report(model)

@@ -156,7 +156,7 @@ class Trainer:
         self.model, self.tokenizer = self._model, self._tokenizer
         self.base_id = describe_spec(self.cfg.model.name)
         self.fingerprint = model_fingerprint(self.model)
-        self.total_params = count_parameters(self.model)
+        self.total_params = count_parameters(self.model) + quant_base.quantized_numel(self.model)
         self.method = get_method(self.cfg.method_name())
         method_cfg = self.cfg.method_config()
         self.quant = quant_base.prepare(self.model, self.cfg, method_cfg)  # quantize section / quantized base
