@@ -21,7 +21,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from tunelab.quant.model import QuantError, QuantState, install_quantized_layers, memory_report, quantize_model
+from tunelab.quant.model import (
+    QuantError,
+    QuantState,
+    install_quantized_layers,
+    memory_report,
+    quantize_model,
+)
 
 BASE_META = "quantize.json"
 QUANT_FILE = "quantized_base.safetensors"

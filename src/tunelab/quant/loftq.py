@@ -39,8 +39,8 @@ class LoftQResult:
 
 def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:
     """‖W − approx‖_F / ‖W‖_F (0 for an all-zero W approximated exactly)."""
-    norm = float(torch.linalg.matrix_norm(w))
-    diff = float(torch.linalg.matrix_norm(w - approx))
+    norm = float(torch.linalg.vector_norm(w.float()))
+    diff = float(torch.linalg.vector_norm(w.float() - approx.float()))
     return diff / norm if norm > 0 else diff
 
 
