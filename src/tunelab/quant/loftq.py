@@ -46,7 +46,12 @@ def relative_error(w: torch.Tensor, approx: torch.Tensor) -> float:
 
 def lowrank_factors(residual: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with s·B·A the rank-r truncated SVD of ``residual``: B = U_r √(Σ_r/s), A = √(Σ_r/s) V_rᵀ."""
-    u, sigma, vh = torch.linalg.svd(residual.float(), full_matrices=False)
+    residual = residual.float()
+    if residual.shape[0] < residual.shape[1]:  # LAPACK is ~2x faster on tall matrices: svd(Rᵀ) = V Σ Uᵀ
+        v, sigma, uh = torch.linalg.svd(residual.T, full_matrices=False)
+        u, vh = uh.T, v.T
+    else:
+        u, sigma, vh = torch.linalg.svd(residual, full_matrices=False)
     root = torch.sqrt(sigma[:r] / scaling)
     return root[:, None] * vh[:r], u[:, :r] * root[None, :]
 

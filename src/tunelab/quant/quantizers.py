@@ -170,7 +170,12 @@ def to_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 def nearest_codes(normalized: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code book value for every entry (ties go to the lower value)."""
     mid = (values[1:] + values[:-1]) / 2
-    return torch.bucketize(normalized.contiguous(), mid.to(normalized.dtype)).to(torch.uint8)
+    if mid.numel() > 15:  # 8-bit code books: binary search
+        return torch.bucketize(normalized.contiguous(), mid.to(normalized.dtype)).to(torch.uint8)
+    codes = torch.zeros(normalized.shape, dtype=torch.uint8)  # ≤ 4 bits: counting the midpoints below is ~2x faster
+    for m in mid.tolist():
+        codes += normalized > m
+    return codes
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
