@@ -286,10 +286,10 @@ def test_lowrank_split_matches_peft():
     residual = torch.randn(40, 72, generator=torch.Generator().manual_seed(5))
     a, b = lowrank_factors(residual, 6, 1.0)
     out = _low_rank_decomposition(residual, reduced_rank=6)
-    torch.testing.assert_close(b @ a, out["L"] @ out["R"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(b @ a, out["L"] @ out["R"], rtol=1e-4, atol=1e-4)
     # the same √σ split (singular vectors are defined up to sign)
-    torch.testing.assert_close(a.abs(), out["R"].abs(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(b.abs(), out["L"].abs(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a.abs(), out["R"].abs(), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(b.abs(), out["L"].abs(), rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
