@@ -202,11 +202,12 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = run_child(name, args, Path(tmp))
             log(f"  {name}: {results[name]['status']} in {results[name]['process_wall_s']:.1f} s")
     env["bench_wall_s"] = time.perf_counter() - t0
+    summary = summarise(results, args.warmup)  # adds each training config's step statistics ("measured")
     report = {"benchmark": "quant_bench", "settings": {"model": MODEL, "batch": BATCH, "seq_len": SEQ_LEN,
                                                        "lora_train": LORA, "loftq_rank": args.rank,
                                                        "steps": args.steps, "warmup": args.warmup},
               "environment": env, "configs": {n: {"description": CONFIGS[n], **results[n]} for n in names},
-              "summary": summarise(results, args.warmup), "targets": TARGETS}
+              "summary": summary, "targets": TARGETS}
     text = json.dumps(rounded(report), indent=1)
     print(text)
     if args.out:
