@@ -250,7 +250,8 @@ def test_loftq_matches_the_reference(bits, r, alpha):
     s = alpha / r
     res = loftq(w, QuantSpec("nf", bits), r, s, iters=3)
     q, a, b = reference_loftq(w, codebook("nf", bits), 64, r, s, 3)
-    torch.testing.assert_close(dequantize(res.qweight), q, rtol=0, atol=1e-6)
+    # after T > 1 the quantized input W − s·B·A carries SVD round-off (LAPACK paths, threads): scales agree to fp32
+    torch.testing.assert_close(dequantize(res.qweight), q, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(s * res.B @ res.A, s * b @ a, rtol=1e-4, atol=1e-5)
     assert res.error == pytest.approx(relative_error(w, q + s * b @ a), rel=1e-4)
 
