@@ -82,6 +82,7 @@ class Row:
     disable_why: str = ""
     atol: float = 1e-5
     archs: list[str] = field(default_factory=lambda: list(ARCHS))
+    quantize: dict[str, Any] | None = None  # a run config's quantize section: the base is quantized first
 
 
 def _qv(name: str) -> bool:
@@ -164,6 +165,16 @@ ROWS = [
         identity_at_init=False, mergeable=False, mergeable_why=REFT_NO_MERGE),
     Row("direft-untied-last-only", "direft", {"r": 2, "positions": "l3", "tied": False}, reft_closed_form(2, 1),
         identity_at_init=False, mergeable=False, mergeable_why=REFT_NO_MERGE, archs=["tiny-llama"]),
+    # LoRA on a quantized base (tunelab.quant): "base" is the quantized model; merging yields dense dequantized
+    # layers (unmerge restores the codes), so merged == unmerged holds to fp32 rounding
+    Row("qlora-nf4", "lora", {"r": 4, "alpha": 8}, lora_closed_form(4), quantize={"bits": 4}),
+    Row("qlora-int8-dq-qv", "lora", {"r": 2, "alpha": 4, "targets": ["q_proj", "v_proj"]},
+        lora_closed_form(2, _qv), quantize={"bits": 8, "quant": "int", "double_quant": True, "block": 32},
+        archs=["tiny-llama"]),
+    # LoftQ sets B != 0 so that Q + s·B·A approximates the full-precision W: the output moves away from the
+    # quantized base at init by design (towards the unquantized model: tests/test_quant.py checks that)
+    Row("loftq-nf2-alpha-ne-r", "lora", {"r": 4, "alpha": 16}, lora_closed_form(4), identity_at_init=False,
+        quantize={"bits": 2, "init": "loftq", "iters": 2}),
 ]
 
 CASES = [pytest.param(row, arch, id=f"{row.id}-{arch}") for row in ROWS for arch in row.archs]
@@ -173,14 +184,31 @@ def test_every_registered_method_has_a_row():
     assert {r.method for r in ROWS} == set(REGISTRY)
 
 
+def _quantize(row: Row, model, cfg):
+    """Quantize the base as the row's quantize section says (None for unquantized rows)."""
+    if row.quantize is None:
+        return None
+    from tunelab.config import QuantizeSection, build
+    from tunelab.quant.model import quantize_model
+
+    return quantize_model(model, build(QuantizeSection, row.quantize, "quantize"), cfg)
+
+
+def _apply(row: Row, model, cfg, state):
+    handle = get_method(row.method).apply(model, cfg)
+    if state is not None:
+        state.init_adapters(handle)  # LoftQ's A/B
+    return handle
+
+
 def _setup(row: Row, arch: str):
     model, tok = tiny(arch)
     batch = batch_for(tok)
+    cfg = build_method_config({"name": row.method, **row.options})
+    state = _quantize(row, model, cfg)  # the base of a quantized row is the quantized model
     with torch.no_grad():
         base_logits = model(**batch).logits
-    module = get_method(row.method)
-    cfg = build_method_config({"name": row.method, **row.options})
-    handle = module.apply(model, cfg)
+    handle = _apply(row, model, cfg, state)
     model.eval()  # dropout off: the checks compare outputs
     return model, tok, batch, base_logits, handle, cfg
 
@@ -271,7 +299,8 @@ def test_save_load_round_trip(row, arch):
     expected = _logits(model, batch)
     blob = save({k: v.contiguous() for k, v in handle.state_dict().items()})
     fresh, _ = tiny(arch)
-    handle2 = get_method(row.method).apply(fresh, copy.deepcopy(cfg))
+    cfg2 = copy.deepcopy(cfg)
+    handle2 = _apply(row, fresh, cfg2, _quantize(row, fresh, cfg2))
     fresh.eval()
     handle2.load_state_dict(load(blob))
     torch.testing.assert_close(_logits(fresh, batch), expected, atol=row.atol, rtol=0)

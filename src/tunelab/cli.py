@@ -17,6 +17,7 @@ EPILOG = """examples:
   tunelab compare configs/compare-date.yaml      several methods, same budget, one table (md, csv, png)
   tunelab tasks                                  list evaluation tasks
   tunelab methods                                list methods with their options and defaults
+  tunelab quantize smollm2-135m --bits 2 --init loftq --rank 16 --alpha 16 --out runs/nf2-loftq
 """
 
 
@@ -62,11 +63,50 @@ def _parser() -> argparse.ArgumentParser:
     ts = sub.add_parser("tasks", help="list the evaluation tasks")
     ts.add_argument("--tasks-dir", action="append", default=[], help="extra folder of task YAML files")
 
+    _quantize_parser(sub)
+
     d = sub.add_parser("demo", help="fine-tune the embedded model with LoRA and show before/after")
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--output-dir", default=None)
     return p
+
+
+def _quantize_parser(sub: argparse._SubParsersAction) -> None:
+    q = sub.add_parser("quantize", help="quantize a model's linear layers (QLoRA, LoftQ init): write a quantized "
+                                        "base and print the per-layer error table")
+    q.add_argument("model", help="model to quantize (alias, HF directory, GGUF file, tiny-llama)")
+    q.add_argument("--bits", type=int, choices=(2, 4, 8), default=4)
+    q.add_argument("--quant", choices=("nf", "int"), default="nf", help="NormalFloat or symmetric INT-k codes")
+    q.add_argument("--init", choices=("loftq", "qlora"), default="loftq")
+    q.add_argument("--iters", type=int, default=1, help="LoftQ alternations T (the paper also uses 5)")
+    q.add_argument("--rank", type=int, default=16, help="LoRA rank r the LoftQ factors are computed for")
+    q.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha/r is folded in)")
+    q.add_argument("--rslora", action="store_true", help="LoRA scaling alpha/sqrt(r)")
+    q.add_argument("--targets", default="all-linear", help="LoRA targets: all-linear or a regex")
+    q.add_argument("--block", type=int, default=64, help="values per absmax scale")
+    q.add_argument("--double-quant", action="store_true", help="quantize the scales too (INT-8, blocks of 256)")
+    q.add_argument("--mixed", type=int, default=0, help="first K decoder layers at --mixed-bits")
+    q.add_argument("--mixed-bits", type=int, choices=(2, 4, 8), default=4)
+    q.add_argument("--out", help="output directory (default runs/quant-MODEL-QUANTBITS-INIT)")
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from tunelab.config import QuantizeSection, build
+    from tunelab.methods.lora import Config as LoraConfig
+    from tunelab.quant.base import quantize_to_dir
+    from tunelab.quant.model import format_report
+
+    section = build(QuantizeSection, {"bits": args.bits, "quant": args.quant, "block": args.block,
+                                      "double_quant": args.double_quant, "init": args.init, "iters": args.iters,
+                                      "mixed": args.mixed, "mixed_bits": args.mixed_bits}, "quantize")
+    lora = LoraConfig(r=args.rank, alpha=args.alpha, rslora=args.rslora, targets=args.targets)
+    out = args.out or f"runs/quant-{Path(args.model).name}-{args.quant}{args.bits}-{args.init}"
+    state, memory = quantize_to_dir(args.model, section, lora, out)
+    print(format_report(state.report, memory))
+    print(f"quantized in {state.seconds:.1f} s; quantized base written to {out}/ (train on it with "
+          f"model.name: {out}" + (f", method: lora, r: {args.rank}, alpha: {args.alpha:g})" if state.factors else ")"))
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -162,7 +202,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
-            "methods": cmd_methods, "demo": cmd_demo}
+            "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -55,6 +55,7 @@ class CompareRow:
     method: dict[str, Any]
     train: dict[str, Any] = field(default_factory=dict)
     set: list[str] = field(default_factory=list)  # extra dotted overrides, e.g. ["data.template=alpaca"]
+    quantize: dict[str, Any] | None = None  # a quantize section for this row (QLoRA / LoftQ on a quantized base)
 
 
 @dataclass
@@ -85,6 +86,8 @@ def row_config(cfg: CompareConfig, row: CompareRow) -> dict[str, Any]:
     """The full run config of one row (validated)."""
     data = json.loads(json.dumps(cfg.base))
     data["method"] = dict(row.method)
+    if row.quantize is not None:
+        data["quantize"] = dict(row.quantize)
     data.setdefault("train", {}).update(row.train)
     data["output_dir"] = str(Path(cfg.output_dir) / row.label / "run")
     apply_overrides(data, row.set)

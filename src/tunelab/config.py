@@ -111,6 +111,36 @@ class TrainSection:
 
 
 @dataclass
+class QuantizeSection:
+    """Quantize the base model's linear layers before the method is applied (QLoRA, LoftQ; see tunelab.quant).
+
+    ``mixed: k`` keeps the first k decoder layers at ``mixed_bits`` (LoftQ's mixed precision: 4 bits in the first
+    layers, ``bits`` in the rest). ``init: loftq`` needs ``method: lora`` and sets its A/B (``iters`` alternations).
+    """
+
+    bits: int = 4  # 2, 4 or 8
+    quant: Literal["nf", "int"] = "nf"  # NormalFloat code book or symmetric uniform INT-k
+    block: int = 64  # values per absmax scale
+    double_quant: bool = False  # quantize the scales too (INT-8, blocks of 256)
+    init: Literal["qlora", "loftq"] = "qlora"
+    iters: int = 1  # LoftQ alternations T
+    mixed: int = 0  # the first `mixed` decoder layers use mixed_bits
+    mixed_bits: int = 4
+    targets: str | list[str] = "all-linear"  # which linear layers are quantized (the output head never is)
+
+    def __post_init__(self) -> None:
+        for name in ("bits", "mixed_bits"):
+            if getattr(self, name) not in (2, 4, 8):
+                raise ConfigError(f"quantize.{name} must be 2, 4 or 8, got {getattr(self, name)}")
+        if self.block < 1 or self.block % 4:
+            raise ConfigError(f"quantize.block must be a positive multiple of 4, got {self.block} (default 64)")
+        if self.iters < 1:
+            raise ConfigError(f"quantize.iters must be at least 1, got {self.iters}")
+        if self.mixed < 0:
+            raise ConfigError(f"quantize.mixed must be >= 0 (number of first layers at mixed_bits), got {self.mixed}")
+
+
+@dataclass
 class RunConfig:
     """A whole training run. ``method`` is a mapping with ``name`` plus that method's own options."""
 
@@ -119,6 +149,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     output_dir: str = "runs/{method}"
+    quantize: QuantizeSection | None = None  # QLoRA / LoftQ: quantize the base before the method
 
     def method_name(self) -> str:
         return str(self.method.get("name", ""))
@@ -133,7 +164,10 @@ class RunConfig:
         return Path(self.output_dir.format(method=self.method_name()))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if data["quantize"] is None:  # unquantized runs keep the config (and config hash) they always had
+            del data["quantize"]
+        return data
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -206,6 +240,9 @@ def _convert_union(value: Any, tp: Any, key: str, lines: _Lines) -> Any:
     args = typing.get_args(tp)
     if value is None and type(None) in args:
         return None
+    options = [a for a in args if a is not type(None)]
+    if len(options) == 1 and dataclasses.is_dataclass(options[0]):  # an optional section: keep its own messages
+        return build(options[0], value, key, lines)
     for arg in (a for a in args if a is not type(None)):
         try:
             return _convert(value, arg, key, lines)

@@ -245,6 +245,10 @@ def load_model(
     (eos when it had none), and ``model.tunelab_spec`` records ``spec`` for run metadata.
     ``trust_remote_code`` only matters for local directories and Hub ids.
     """
+    from tunelab.quant.base import is_quantized_base, load_quantized_base
+
+    if is_quantized_base(spec):  # a directory written by `tunelab quantize`: base model + quantized layers
+        return load_quantized_base(spec, dtype)
     torch_dtype = resolve_dtype(dtype)
     source = _classify(spec)
     if source.kind == "alias":
@@ -597,6 +601,10 @@ def _hash_entry(hasher: Any, name: str, value: Any) -> None:
 
 def describe_spec(spec: str) -> str:
     """A human-readable, reproducible identity of ``spec`` for run metadata (alias version, path, commit)."""
+    from tunelab.quant.base import describe_quantized_base, is_quantized_base
+
+    if is_quantized_base(spec):
+        return describe_quantized_base(spec)
     source = _classify(spec)
     if source.kind == "alias":
         entry = ALIASES[source.target]

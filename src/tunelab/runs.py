@@ -132,6 +132,9 @@ def load_run(run_dir: str | os.PathLike, *, base: str | None = None, allow_base_
             f"{spec!r} has fingerprint {fingerprint}. Load the same base model, or pass --allow-base-mismatch to "
             f"proceed anyway."
         )
+    from tunelab.quant.base import install_run_quantization
+
+    install_run_quantization(model, run_dir, cfg)  # a run trained on a quantized base: its exact codes
     module = get_method(cfg.method_name())
     handle = module.apply(model, cfg.method_config())
     handle.load_state_dict(load_file(str(run_dir / ADAPTER_FILE)))

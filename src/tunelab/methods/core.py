@@ -33,15 +33,16 @@ ALL_LINEAR = "all-linear"
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear, or transformers' GPT-2 style Conv1D (a linear layer stored as [in, out])."""
-    if isinstance(module, nn.Linear):
+    """nn.Linear, transformers' GPT-2 style Conv1D (a linear layer stored as [in, out]), or a quantized linear
+    layer (``tunelab.quant.QuantLinear``: ``is_quantized``, ``in_features``, ``out_features``)."""
+    if isinstance(module, nn.Linear) or getattr(module, "is_quantized", False):
         return True
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """(in_features, out_features) of a linear-like layer."""
-    if isinstance(module, nn.Linear):
+    if isinstance(module, nn.Linear) or getattr(module, "is_quantized", False):
         return module.in_features, module.out_features
     w = module.weight  # Conv1D: weight is [in, out]
     return int(w.shape[0]), int(w.shape[1])

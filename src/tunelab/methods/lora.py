@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -60,10 +61,13 @@ class LoraLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         d_in, d_out = linear_shape(base_layer)
-        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)  # GPT-2 Conv1D stores W as [in, out]
+        quantized = getattr(base_layer, "is_quantized", False)  # tunelab.quant.QuantLinear: [out, in], no weight
+        self.fan_in_fan_out = not isinstance(base_layer, nn.Linear) and not quantized  # Conv1D stores [in, out]
         self.r, self.scaling = r, scaling
-        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=base_layer.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=base_layer.weight.device))
+        device = next(iter(base_layer.buffers() if quantized else base_layer.parameters())).device
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, device=device))
+        self.__dict__["quantized_base"] = None  # while merged onto a quantized base: the original (unregistered)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
         self.merged = False
@@ -91,12 +95,26 @@ class LoraLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if not self.merged:
+            if getattr(self.base_layer, "is_quantized", False):
+                self._dequantize_base()
             w = self.base_layer.weight
             w.copy_((w.float() + self.delta_weight()).to(w.dtype))
             self.merged = True
 
+    def _dequantize_base(self) -> None:
+        """Merging into 2/4-bit codes would round the update away: swap in a dense fp32 copy of the quantized
+        weight (kept aside, so unmerge restores the exact codes); merge_and_unload returns that dense layer."""
+        from tunelab.quant import merge_message
+
+        warnings.warn(merge_message(self.base_layer), stacklevel=4)
+        self.__dict__["quantized_base"] = self.base_layer
+        self.base_layer = self.base_layer.to_linear(torch.float32)
+
     @torch.no_grad()
     def unmerge(self) -> None:
+        if self.merged and self.quantized_base is not None:
+            self.base_layer, self.__dict__["quantized_base"] = self.quantized_base, None
+            self.merged = False
         if self.merged:
             w = self.base_layer.weight
             w.copy_((w.float() - self.delta_weight()).to(w.dtype))

@@ -27,6 +27,7 @@ import tunelab
 from tunelab.config import RunConfig, dump_config
 from tunelab.methods import get_method
 from tunelab.methods.core import MethodHandle, count_parameters
+from tunelab.quant import base as quant_base
 from tunelab.runs import (
     ADAPTER_FILE,
     CONFIG_FILE,
@@ -159,9 +160,13 @@ class Trainer:
         self.model, self.tokenizer = self._model, self._tokenizer
         self.base_id = describe_spec(self.cfg.model.name)
         self.fingerprint = model_fingerprint(self.model)
-        self.total_params = count_parameters(self.model)
+        self.total_params = count_parameters(self.model) + quant_base.quantized_numel(self.model)
         self.method = get_method(self.cfg.method_name())
-        self.handle: MethodHandle = self.method.apply(self.model, self.cfg.method_config())
+        method_cfg = self.cfg.method_config()
+        self.quant = quant_base.prepare(self.model, self.cfg, method_cfg)  # quantize section / quantized base
+        self.handle: MethodHandle = self.method.apply(self.model, method_cfg)
+        if self.quant is not None:
+            self.quant.init_adapters(self.handle)  # LoftQ's A/B (QLoRA keeps B = 0)
         self.handle.upcast_trainable()
         cast_frozen(self.model, frozen_dtype)
         self.base_dtype = frozen_dtype  # the compute dtype: bf16 turns autocast on (train.autocast: auto)
@@ -405,6 +410,7 @@ class Trainer:
             atomic_write_bytes(self.run_dir / ADAPTER_FILE, st_save(
                 {k: v.contiguous() for k, v in self.handle.inference_state_dict().items()},
                 metadata={"method": self.handle.name, "format": "tunelab"}))
+            quant_base.save_run_quantization(self.quant, self.run_dir)
             if hasattr(self.method, "export"):
                 self.method.export(self.handle, self.run_dir / "peft", self.base_id)
             metrics = {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"}

@@ -1,0 +1,220 @@
+"""Quantized bases on the embedded model: LoftQ initialisation time, weight memory, QLoRA training throughput.
+
+    python bench/quant_bench.py [--steps N] [--only NAME,NAME] [--rank R] [--out results.json]
+
+Every configuration runs in a fresh child process (``--worker NAME``), so its wall time and peak RSS are its own;
+the parent imports only the standard library (see bench/common.py). Measured:
+
+* ``loftq-init-T1`` / ``loftq-init-T5``: LoftQ NF4 (r = --rank, α = r) over every linear layer of the decoder,
+  T = 1 and 5 alternations — wall time of ``quantize_model`` (fp32, torch.linalg.svd on the CPU);
+* ``memory``: weight bytes at NF4, NF4 + double quantization and NF2 against the same layers in bf16;
+* ``train-lora-bf16`` / ``train-qlora-nf4``: tokens/s and peak RSS of LoRA (r=8, α=16, all-linear) on the bf16
+  base vs on the NF4 base, batch 8 × 128 tokens, the data of bench/train_throughput.py (its helpers are reused).
+
+Targets (issue 7): weights ≤ 0.3× bf16 at 4 bits; QLoRA tokens/s ≥ 0.7× bf16 LoRA; LoftQ T=5 ≤ 120 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import RESULT_PREFIX, environment, load_average, ratio, read_jsonl, rounded, wait_for_idle
+from train_throughput import (
+    BATCH,
+    LORA,
+    LR,
+    MODEL,
+    SEQ_LEN,
+    Probes,
+    log,
+    measure,
+    memory_report,
+    worker_prepare,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = {
+    "loftq-init-T1": "LoftQ NF4 init, T=1, every decoder linear layer",
+    "loftq-init-T5": "LoftQ NF4 init, T=5, every decoder linear layer",
+    "memory": "weight bytes of the quantized linear layers at NF4, NF4+double quantization, NF2 vs bf16",
+    "train-lora-bf16": "tunelab LoRA r=8 alpha=16 all-linear, bf16 base, batch 8 x 128",
+    "train-qlora-nf4": "tunelab LoRA r=8 alpha=16 all-linear on an NF4 base (block 64), batch 8 x 128",
+}
+TARGETS = {"weights_4bit_vs_bf16_max": 0.3, "qlora_tokens_per_s_vs_bf16_lora_min": 0.7, "loftq_T5_s_max": 120.0}
+
+
+# ============================================================================================================
+# Workers (child processes; these import torch)
+# ============================================================================================================
+
+
+def worker_loftq(iters: int, rank: int) -> dict[str, Any]:
+    from tunelab.config import QuantizeSection
+    from tunelab.methods.lora import Config as LoraConfig
+    from tunelab.models import load_model
+    from tunelab.quant.model import memory_report as quant_memory
+    from tunelab.quant.model import quantize_model
+
+    model, _ = load_model(MODEL, "fp32")
+    state = quantize_model(model, QuantizeSection(bits=4, init="loftq", iters=iters), LoraConfig(r=rank, alpha=rank))
+    errs = [(r.qlora_error, r.loftq_error) for r in state.report]
+    return {"seconds": state.seconds, "layers": len(state.report), "rank": rank, "iters": iters,
+            "mean_qlora_error": sum(e[0] for e in errs) / len(errs),
+            "mean_loftq_error": sum(e[1] for e in errs) / len(errs),
+            "layers_loftq_below_qlora": sum(e[1] < e[0] for e in errs), "memory": quant_memory(model)}
+
+
+def worker_memory() -> dict[str, Any]:
+    from tunelab.config import QuantizeSection
+    from tunelab.models import load_model
+    from tunelab.quant.model import memory_report as quant_memory
+    from tunelab.quant.model import quantize_model
+
+    out = {}
+    for label, section in {"nf4": QuantizeSection(bits=4), "nf4-dq": QuantizeSection(bits=4, double_quant=True),
+                           "nf2": QuantizeSection(bits=2), "nf2-dq": QuantizeSection(bits=2, double_quant=True)}.items():
+        model, _ = load_model(MODEL, "fp32")
+        t0 = time.perf_counter()
+        quantize_model(model, section)
+        out[label] = {**quant_memory(model), "quantize_s": time.perf_counter() - t0}
+    return out
+
+
+def worker_train(name: str, workdir: Path, steps: int) -> dict[str, Any]:
+    """tunelab.train on bench/train_throughput.py's data; step times from the run's metrics.jsonl."""
+    from tunelab.config import config_from_dict
+    from tunelab.train.loop import train
+
+    data = {"model": {"name": MODEL, "dtype": "auto"}, "method": {"name": "lora", **LORA},
+            "data": {"train": str(workdir / "records.jsonl"), "template": "plain", "max_length": SEQ_LEN,
+                     "group_by_length": False},
+            "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR["lora"], "progress": False, "seed": 0},
+            "output_dir": str(Path(tempfile.mkdtemp(prefix=f"run-{name}-", dir=workdir)) / "run")}
+    if name == "train-qlora-nf4":
+        data["quantize"] = {"bits": 4, "quant": "nf", "init": "qlora"}
+    probes = Probes()
+    t0 = time.perf_counter()
+    result = train(config_from_dict(data))
+    rows = [r for r in read_jsonl(Path(data["output_dir"]) / "metrics.jsonl") if "step_s" in r]
+    return {"step_s": [r["step_s"] for r in rows], "tokens": [r["tokens"] for r in rows],
+            "loss": [r["loss"] for r in rows], "train_call_s": time.perf_counter() - t0,
+            "trainable_params": result.trainable_params, **memory_report(probes)}
+
+
+def run_worker(name: str, workdir: Path, steps: int, rank: int) -> dict[str, Any]:
+    if name == "prepare":
+        return worker_prepare(workdir, steps)
+    if name.startswith("loftq-init-T"):
+        return worker_loftq(int(name.rsplit("T", 1)[1]), rank)
+    if name == "memory":
+        return worker_memory()
+    return worker_train(name, workdir, steps)
+
+
+# ============================================================================================================
+# Parent
+# ============================================================================================================
+
+
+def run_child(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
+           "--steps", str(args.steps), "--rank", str(args.rank)]
+    if args.wait_idle > 0:
+        wait_for_idle(args.wait_idle)
+    t0, result, tail = time.perf_counter(), None, collections.deque(maxlen=12)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX):])
+            else:
+                tail.append(line.rstrip())
+        rc = proc.wait()
+    info = {"process_wall_s": time.perf_counter() - t0}
+    if rc != 0 or result is None:
+        return {"status": "failed", "returncode": rc, "error_tail": list(tail), **info}
+    return {"status": "ok", **result, **info}
+
+
+def summarise(results: dict[str, Any], warmup: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("train-lora-bf16", "train-qlora-nf4"):
+        r = results.get(name)
+        if r and r["status"] == "ok":
+            r["measured"] = measure(r, warmup)
+    bf16, q4 = results.get("train-lora-bf16", {}), results.get("train-qlora-nf4", {})
+    if bf16.get("status") == q4.get("status") == "ok":
+        tps = ratio(q4["measured"]["tokens_per_s"], bf16["measured"]["tokens_per_s"])
+        out["qlora_nf4_vs_bf16_lora"] = {"tokens_per_s_ratio": tps, "peak_rss_ratio": ratio(
+            q4["peak_rss_mib"], bf16["peak_rss_mib"]), "target_tokens_per_s_met": tps is not None and tps >= 0.7}
+    mem = results.get("memory", {})
+    if mem.get("status") == "ok":
+        out["weights_vs_bf16"] = {k: {"quantized_layers": v["quantized_ratio"], "whole_model": v["model_ratio"]}
+                                  for k, v in mem.items() if isinstance(v, dict) and "quantized_ratio" in v}
+        out["target_weights_4bit_met"] = mem["nf4"]["quantized_ratio"] <= TARGETS["weights_4bit_vs_bf16_max"]
+    t5 = results.get("loftq-init-T5", {})
+    if t5.get("status") == "ok":
+        out["target_loftq_T5_met"] = t5["seconds"] <= TARGETS["loftq_T5_s_max"]
+    return out
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=12, help="optimizer steps per training configuration")
+    p.add_argument("--warmup", type=int, default=2, help="steps excluded from the tokens/s median")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank of the LoftQ initialisation timing")
+    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
+    p.add_argument("--wait-idle", type=float, default=60, help="wait up to this many s for an idle machine")
+    p.add_argument("--out", type=Path, help="also write the JSON result here")
+    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.worker:
+        print(RESULT_PREFIX + json.dumps(run_worker(args.worker, args.workdir, args.steps, args.rank)), flush=True)
+        return 0
+    names = [n.strip() for n in args.only.split(",")] if args.only else list(CONFIGS)
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        raise SystemExit(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    env, t0, results = environment(REPO), time.perf_counter(), {}
+    env["load_average_before"] = load_average()
+    with tempfile.TemporaryDirectory(prefix="tunelab-quant-bench-") as tmp:
+        if any(n.startswith("train-") for n in names):
+            log("preparing data")
+            prep = run_child("prepare", args, Path(tmp))
+            if prep["status"] != "ok":
+                raise SystemExit(f"data preparation failed: {prep}")
+        for name in names:
+            log(f"{name}: {CONFIGS[name]}")
+            results[name] = run_child(name, args, Path(tmp))
+            log(f"  {name}: {results[name]['status']} in {results[name]['process_wall_s']:.1f} s")
+    env["bench_wall_s"] = time.perf_counter() - t0
+    summary = summarise(results, args.warmup)  # adds each training config's step statistics ("measured")
+    report = {"benchmark": "quant_bench", "settings": {"model": MODEL, "batch": BATCH, "seq_len": SEQ_LEN,
+                                                       "lora_train": LORA, "loftq_rank": args.rank,
+                                                       "steps": args.steps, "warmup": args.warmup},
+              "environment": env, "configs": {n: {"description": CONFIGS[n], **results[n]} for n in names},
+              "summary": summary, "targets": TARGETS}
+    text = json.dumps(rounded(report), indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
