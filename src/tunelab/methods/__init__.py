@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "parallel": "tunelab.methods.parallel",
     "prompt": "tunelab.methods.prompt",
     "prefix": "tunelab.methods.prefix",
+    "random-mask": "tunelab.methods.masking",
 }
 
 
