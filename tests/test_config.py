@@ -10,8 +10,9 @@ from tunelab.config import ConfigError, apply_overrides, dump_config, load_confi
 
 from conftest import REPO
 
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("compare-"))
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("compare-", "sweep-lr-")))
 COMPARE_CONFIGS = sorted((REPO / "configs").glob("compare-*.yaml"))
+SWEEP_CONFIGS = sorted((REPO / "configs").glob("sweep-lr-*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -28,6 +29,14 @@ def test_example_compare_configs_validate(path):
 
     cfg = load_compare(path)
     assert len(cfg.methods) >= 2 and cfg.eval.tasks
+
+
+@pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=[p.name for p in SWEEP_CONFIGS])
+def test_example_sweep_configs_validate(path):
+    from tunelab.sweep import load_sweep
+
+    cfg = load_sweep(path)
+    assert cfg.methods and all(r.lrs for r in cfg.methods) and cfg.eval.tasks
 
 
 def test_there_are_example_configs():

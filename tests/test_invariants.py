@@ -121,6 +121,18 @@ def reft_closed_form(r: int, interventions_per_layer: int, layers: int | None = 
 
 REFT_NO_MERGE = "ReFT edits hidden states at chosen prompt positions only: no weight update equals it"
 
+def mask_closed_form(fraction: float, which: Callable[[str], bool] | None = None) -> Callable[[Any], int]:
+    """Random masking: ⌊f·N + ½⌋ entries for a budget on the whole model (N its parameters, which=None), else
+    Σ over the targeted matrices of ⌊f·d_in·d_out + ½⌋ (a per-matrix density)."""
+    def count(model) -> int:
+        if which is None:
+            return int(fraction * full_closed_form(model) + 0.5)
+        cfg = model.config
+        per_layer = sum(int(fraction * a * b + 0.5) for k, (a, b) in _linear_dims(cfg).items() if which(k))
+        return per_layer * cfg.num_hidden_layers
+    return count
+
+
 ROWS = [
     Row("full", "full", {}, full_closed_form, mergeable=False,
         mergeable_why="full tuning writes into the base weights: nothing separate to merge",
@@ -175,6 +187,12 @@ ROWS = [
     # quantized base at init by design (towards the unquantized model: tests/test_quant.py checks that)
     Row("loftq-nf2-alpha-ne-r", "lora", {"r": 4, "alpha": 16}, lora_closed_form(4), identity_at_init=False,
         quantize={"bits": 2, "init": "loftq", "iters": 2}),
+    Row("random-mask-all-linear", "random-mask", {"fraction": 0.01}, mask_closed_form(0.01)),
+    Row("random-mask-equal-mlp", "random-mask", {"fraction": 0.02, "spread": "equal", "targets": r".*\.mlp\..*",
+                                                 "seed": 7}, mask_closed_form(0.02)),
+    Row("random-mask-qv-matrix", "random-mask",
+        {"fraction": 0.05, "budget": "matrix", "targets": ["q_proj", "v_proj", "c_attn"]},
+        mask_closed_form(0.05, lambda k: k in ("q_proj", "v_proj", "c_attn"))),
 ]
 
 CASES = [pytest.param(row, arch, id=f"{row.id}-{arch}") for row in ROWS for arch in row.archs]

@@ -15,6 +15,7 @@ EPILOG = """examples:
   tunelab generate runs/lora --prompt "What is 12 + 30?"
   tunelab eval runs/lora --task synth-date-format --task arc-easy-ll --data-dir DATA --limit 200
   tunelab compare configs/compare-date.yaml      several methods, same budget, one table (md, csv, png)
+  tunelab sweep-lr configs/sweep-lr-mask-arc-easy.yaml   each method at a grid of rates, best on a dev split
   tunelab tasks                                  list evaluation tasks
   tunelab methods                                list methods with their options and defaults
   tunelab quantize smollm2-135m --bits 2 --init loftq --rank 16 --alpha 16 --out runs/nf2-loftq
@@ -59,6 +60,10 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="train several methods on the same data and budget; one table")
     c.add_argument("config", help="compare YAML (see configs/compare-*.yaml)")
     c.add_argument("--rerun", action="store_true", help="redo rows that finished earlier")
+
+    sw = sub.add_parser("sweep-lr", help="train each method at a grid of learning rates; keep the best on a dev split")
+    sw.add_argument("config", help="sweep YAML (see configs/sweep-lr-*.yaml and tunelab.sweep)")
+    sw.add_argument("--rerun", action="store_true", help="redo points that finished earlier")
 
     ts = sub.add_parser("tasks", help="list the evaluation tasks")
     ts.add_argument("--tasks-dir", action="append", default=[], help="extra folder of task YAML files")
@@ -174,6 +179,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
+def cmd_sweep_lr(args: argparse.Namespace) -> int:
+    from tunelab.sweep import format_best, load_sweep, sweep
+
+    best = sweep(args.config, rerun=args.rerun)
+    print(format_best(Path(load_sweep(args.config).output_dir)))
+    return 0 if all("error" not in r for r in best) else 1
+
+
 def cmd_tasks(args: argparse.Namespace) -> int:
     from tunelab.eval.tasks import discover_tasks
 
@@ -203,6 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
             "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize}
+COMMANDS["sweep-lr"] = cmd_sweep_lr
 
 
 def main(argv: Sequence[str] | None = None) -> int:

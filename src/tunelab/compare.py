@@ -158,6 +158,13 @@ def _collect(row: CompareRow, run_dir: Path, row_dir: Path, train_wall: float, w
 def compare(path: str | Path, *, rerun: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) a comparison; write table.md, table.csv, chart.png and results.json."""
     cfg = load_compare(path)
+    results = run_rows(cfg, rerun=rerun)
+    write_tables(cfg, results, Path(cfg.output_dir))
+    return results
+
+
+def run_rows(cfg: CompareConfig, *, rerun: bool = False) -> list[dict[str, Any]]:
+    """Run (or reuse the recorded result of) every row of ``cfg``, in order; failed rows carry 'error'."""
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -173,7 +180,6 @@ def compare(path: str | Path, *, rerun: bool = False) -> list[dict[str, Any]]:
             atomic_write_json(done, result)
         print(f"[compare] {row.label}: {result.get('error') or 'done'}", flush=True)
         results.append(result)
-    write_tables(cfg, results, out)
     return results
 
 

@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "prefix": "tunelab.methods.prefix",
     "loreft": "tunelab.methods.loreft",
     "direft": "tunelab.methods.direft",
+    "random-mask": "tunelab.methods.masking",
 }
 
 
