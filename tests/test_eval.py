@@ -103,7 +103,7 @@ def test_synthetic_generate_loss_and_summary_line(tmp_path):
     assert "acc" in format_summary(gen) and "ppl" in format_summary(loss)
 
 
-@pytest.mark.parametrize("task", ["arc-easy", "gsm8k", "aqua", "boolq-ll"])
+@pytest.mark.parametrize("task", ["arc-easy", "gsm8k", "aqua", "boolq-ll", "winogrande-lw"])
 def test_real_slice_end_to_end(shared_data, tmp_path, task):
     """A 20-example slice of a real LLM-Adapters set evaluates end to end (skipped when the data is absent)."""
     [s] = evaluate("tiny-llama", [task], EvalOptions(data_dir=str(shared_data), limit=20, out_dir=str(tmp_path),

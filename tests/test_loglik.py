@@ -316,3 +316,39 @@ def test_smollm2_arc_easy_zero_shot_beats_chance():
     summary = summarize(score_multiple_choice(model, tok, items, batch_size=16))
     print(f"\nSmolLM2-135M ARC-Easy[:100] zero-shot: {summary} in {time.perf_counter() - start:.1f} s")
     assert summary["accuracy"] > 0.35 and summary["accuracy_norm"] > 0.35
+
+
+def test_label_word_item_scores_the_trained_answer_format():
+    from tunelab.data import Record
+    from tunelab.data.templates import render_prompt
+    from tunelab.eval.choices import label_word_item
+
+    prompt = render_prompt(Record(ARC, "", "the correct answer is answer2"), "alpaca")
+    item = label_word_item(prompt, ARC, "Answer2", "the correct answer is")
+    assert item.context == prompt + "the correct answer is" and prompt.endswith("### Response:\n")
+    assert item.options == [" answer1", " answer2", " answer3", " answer4"] and item.gold == 1
+    assert label_word_item("P: ", BOOLQ, "false").options == ["true", "false"]
+    with pytest.raises(ValueError, match=r"x\.json:7: .*gold answer 'answer9'"):
+        label_word_item(prompt, ARC, "answer9", where="x.json:7")
+
+
+def test_label_words_task_uses_the_runs_template(tmp_path):
+    """The label-words loglik task renders prompts with the template it is given (a run's training template) and
+    picks the label with the highest log-probability, here checked against scoring the pairs by hand."""
+    import json as _json
+
+    from tunelab.eval.harness import EvalOptions, evaluate_task
+    from tunelab.eval.loglik import continuation_logprobs
+    from tunelab.eval.tasks import TaskChoices, TaskSpec
+
+    data = tmp_path / "arc.json"
+    data.write_text(_json.dumps([{"instruction": ARC, "input": "", "answer": "answer2"}] * 3))
+    spec = TaskSpec(name="lw", data=str(data), kind="loglik",
+                    choices=TaskChoices(style="label-words", prefix="the correct answer is"))
+    model, tok = tiny()
+    summary = evaluate_task(model, tok, spec, EvalOptions(out_dir=str(tmp_path)), default_template="plain")
+    assert summary["n"] == 3 and summary["template"] == "plain"
+    [row, *_] = [_json.loads(x) for x in (tmp_path / "lw.jsonl").read_text().splitlines()]
+    context = f"{ARC}\nthe correct answer is"
+    by_hand = continuation_logprobs(model, tok, [(context, f" answer{k}") for k in range(1, 5)])
+    assert row["logprobs"] == pytest.approx([lp for lp, _ in by_hand], abs=1e-4)

@@ -25,9 +25,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["DATASET_STYLES", "STYLES", "MCItem", "mc_item_from_record", "style_for_dataset"]
+__all__ = ["DATASET_STYLES", "STYLES", "MCItem", "label_word_item", "mc_item_from_record", "style_for_dataset"]
 
 STYLES = ("labeled", "boolq", "winogrande")
+LABEL_WORDS = "label-words"  # the style of label_word_item: the trained format, scored without generating
 
 DATASET_STYLES: dict[str, str] = {
     "boolq": "boolq",
@@ -90,6 +91,25 @@ def style_for_dataset(name: str) -> str:
     return DATASET_STYLES[name]
 
 
+def label_word_item(prompt: str, instruction: str, gold_label: str, prefix: str = "", where: str = "") -> MCItem:
+    """The LLM-Adapters answer as a fine-tuned model writes it, scored instead of generated.
+
+    Context: ``prompt`` (the instruction rendered with the run's training template) followed by ``prefix`` (the
+    fixed start of every answer, ``"the correct answer is"`` in LLM-Adapters' commonsense sets); options: the label
+    words of the "Answer format:" line (``" answer1"``, ``" answer2"``, ...). This is the generation task's metric
+    without its failure modes (a wrong format, running past the answer): it tells which label the model prefers
+    in the format it was trained on.
+    """
+    try:
+        _, labels = _split_format(instruction)
+        gold = _gold_index(gold_label.strip().lower(), labels)
+    except _ParseError as err:
+        prefix_where = f"{where}: " if where else ""
+        raise ValueError(f"{prefix_where}cannot read the label words of a {LABEL_WORDS!r} item: {err}") from None
+    sep = " " if prefix else ""
+    return MCItem(context=prompt + prefix, options=[f"{sep}{label}" for label in labels], gold=gold, labels=labels)
+
+
 def mc_item_from_record(instruction: str, gold_label: str, style: str, where: str = "") -> MCItem:
     """Parse an LLM-Adapters instruction and its gold label word (the JSON ``answer``) into an MCItem.
 
@@ -97,7 +117,8 @@ def mc_item_from_record(instruction: str, gold_label: str, style: str, where: st
     """
     parsers = {"labeled": _labeled, "boolq": _boolq, "winogrande": _winogrande}
     if style not in parsers:
-        raise ValueError(f"unknown multiple-choice style {style!r}; use one of: {', '.join(STYLES)}")
+        raise ValueError(f"unknown multiple-choice style {style!r}; use one of: {', '.join(STYLES)} (or {LABEL_WORDS!r} "
+                         "with a task prefix: tunelab.eval.choices.label_word_item)")
     try:
         return parsers[style](instruction, gold_label.strip().lower())
     except _ParseError as err:

@@ -66,13 +66,24 @@ def run_generate(model: Any, tok: Any, spec: TaskSpec, records: list[Record], op
     return rows, summary
 
 
+def mc_items(spec: TaskSpec, records: list[Record], tok: Any, template: str) -> list[Any]:
+    """The multiple-choice items of a loglik task: neutral-context styles, or label words after the prompt rendered
+    with ``template`` (the run's training template) for style ``label-words``."""
+    from tunelab.data.templates import render_prompt
+    from tunelab.eval.choices import LABEL_WORDS, label_word_item, mc_item_from_record
+
+    if spec.choices.style == LABEL_WORDS:
+        return [label_word_item(render_prompt(r, template, tok), r.instruction, r.output, spec.choices.prefix,
+                                where=f"{r.source}:{r.line}") for r in records]
+    return [mc_item_from_record(r.instruction, r.output, spec.choices.style, where=f"{r.source}:{r.line}")
+            for r in records]
+
+
 def run_loglik(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: EvalOptions,
                template: str) -> tuple[list[dict], dict]:
-    from tunelab.eval.choices import mc_item_from_record
     from tunelab.eval.loglik import score_multiple_choice
 
-    items = [mc_item_from_record(r.instruction, r.output, spec.choices.style, where=f"{r.source}:{r.line}")
-             for r in records]
+    items = mc_items(spec, records, tok, template)
     results = score_multiple_choice(model, tok, items, batch_size=opts.batch_size)
     rows = []
     for i, (r, item, res) in enumerate(zip(records, items, results, strict=True)):
@@ -115,7 +126,8 @@ def evaluate_task(model: Any, tok: Any, spec: TaskSpec, opts: EvalOptions,
     t0 = time.perf_counter()
     rows, summary = RUNNERS[spec.kind](model, tok, spec, records, opts, template)
     summary = {"task": spec.name, "kind": spec.kind, **summary, "seconds": time.perf_counter() - t0,
-               "template": template if spec.kind != "loglik" else None, "limit": opts.limit}
+               "template": template if spec.kind != "loglik" or spec.choices.style == "label-words" else None,
+               "limit": opts.limit}
     if opts.out_dir:
         out = Path(opts.out_dir)
         atomic_write_text(out / f"{spec.name}.jsonl", _rows_to_jsonl(rows))

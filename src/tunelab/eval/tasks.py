@@ -40,7 +40,8 @@ class TaskGeneration:
 
 @dataclass
 class TaskChoices:
-    style: str = "labeled"
+    style: str = "labeled"  # labeled | boolq | winogrande | label-words (tunelab.eval.choices)
+    prefix: str = ""  # label-words: the fixed start of the trained answer, e.g. "the correct answer is"
 
 
 @dataclass
