@@ -71,7 +71,7 @@ def test_recovers_table4_parameters_from_noisy_points():
     assert fit.converged_starts >= 1 and fit.starts >= 40
     m, p = fit.params["model"], fit.params["pretrain"]
     assert m.alpha == pytest.approx(ALPHA_M, abs=0.03) and p.alpha == pytest.approx(ALPHA_P, abs=0.03)
-    assert m.beta == pytest.approx(BETA, abs=0.015) and m.E == pytest.approx(E, abs=0.03)
+    assert m.beta == pytest.approx(BETA, abs=0.015) and abs(m.E - E) < 0.03
     assert m.beta == p.beta and m.E == p.E  # shared across the two axes
 
 
@@ -91,7 +91,8 @@ def test_two_stage_fit_with_heldout_points_extrapolates():
 def test_sum_not_mean_oracle_with_plain_scipy():
     """An independent implementation (written from the equation, numeric gradient) reaches the same optimum."""
     pts = [p for p in table4_points(noise=0.002) if p.factor == "model"]
-    x = np.array([p.x for p in pts]); d = np.array([p.d for p in pts]); y = np.log([p.loss for p in pts])
+    x, d = np.array([p.x for p in pts]), np.array([p.d for p in pts])
+    y = np.log([p.loss for p in pts])
     x0, d0 = math.exp(np.mean(np.log(x))), math.exp(np.mean(np.log(d)))
 
     def total(t):
@@ -104,13 +105,13 @@ def test_sum_not_mean_oracle_with_plain_scipy():
                 for s in ([0, 0.5, 0.2, -0.3], [0.5, 0.3, 0.1, -0.2])), key=lambda r: r.fun)
     ours = fit_law(pts, "multiplicative").params["model"]
     assert ours.alpha == pytest.approx(best.x[1], abs=2e-3) and ours.beta == pytest.approx(best.x[2], abs=2e-3)
-    assert ours.E == pytest.approx(math.exp(best.x[3]), abs=3e-3)
+    assert abs(ours.E - math.exp(best.x[3])) < 3e-3
 
 
 def test_fixed_shared_parameters_are_kept():
     pts = [p for p in table4_points() if p.factor == "pretrain"]
     fit = fit_law(pts, "multiplicative", fixed={"beta": 0.2, "E": 0.7})
-    assert fit.params["pretrain"].beta == 0.2 and fit.params["pretrain"].E == pytest.approx(0.7)
+    assert fit.params["pretrain"].beta == 0.2 and abs(fit.params["pretrain"].E - 0.7) < 1e-12
 
 
 def test_critical_df_where_full_tuning_overtakes():

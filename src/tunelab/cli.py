@@ -7,6 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tunelab.scaling.cli import COMMANDS as SCALING_COMMANDS
+from tunelab.scaling.cli import EXAMPLES as SCALING_EXAMPLES
+from tunelab.scaling.cli import add_parsers as add_scaling_parsers
+
 EPILOG = """examples:
   tunelab demo                                   fine-tune the embedded model with LoRA, before/after
   tunelab train configs/lora-arith.yaml          train a run (any method) from a YAML config
@@ -18,6 +22,7 @@ EPILOG = """examples:
   tunelab tasks                                  list evaluation tasks
   tunelab methods                                list methods with their options and defaults
 """
+EPILOG += SCALING_EXAMPLES.lstrip("\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--output-dir", default=None)
+    add_scaling_parsers(sub)
     return p
 
 
@@ -163,6 +169,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
             "methods": cmd_methods, "demo": cmd_demo}
+COMMANDS.update(SCALING_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -62,8 +62,9 @@ class Point:
 def huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
     """Huber loss h_δ(r) = r²/2 (|r| ≤ δ), δ(|r| − δ/2) otherwise, and its derivative clip(r, −δ, δ)."""
     a = np.abs(r)
-    value = np.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
-    return value, np.clip(r, -delta, delta)
+    inside = a <= delta
+    value = np.where(inside, 0.5 * r * r, delta * (a - 0.5 * delta))
+    return value, np.where(inside, r, np.copysign(delta, r))
 
 
 @dataclass
@@ -113,34 +114,36 @@ class Data:
     log_loss: np.ndarray
 
 
-def log_predict(theta: np.ndarray, lay: Layout, data: Data) -> tuple[np.ndarray, np.ndarray]:
-    """log L̂ per point and the softmax weights of its log-sum-exp terms [n, 2 or 3] (for the gradient)."""
-    a = theta[: len(lay.factors)][data.group]
-    alpha = theta[len(lay.factors): 2 * len(lay.factors)][data.group]
+def log_predict(theta: np.ndarray, lay: Layout, data: Data) -> tuple[np.ndarray, list[np.ndarray]]:
+    """log L̂ per point and the softmax weights of its log-sum-exp terms (for the gradient)."""
+    g = len(lay.factors)
+    a, alpha = theta[:g][data.group], theta[g: 2 * g][data.group]
     beta, e = theta[lay.beta], theta[lay.e]
     if lay.law == "multiplicative":
-        terms = np.stack([a - alpha * data.lx - beta * data.ld, np.full_like(a, e)], axis=1)
-    else:
-        terms = np.stack([a - alpha * data.lx, theta[lay.b] - beta * data.ld, np.full_like(a, e)], axis=1)
-    top = terms.max(axis=1, keepdims=True)
-    w = np.exp(terms - top)
-    total = w.sum(axis=1, keepdims=True)
-    return (top + np.log(total))[:, 0], w / total
+        t = a - alpha * data.lx - beta * data.ld
+        pred = np.logaddexp(t, e)
+        w0 = np.exp(t - pred)
+        return pred, [w0, 1.0 - w0]
+    t1, t2 = a - alpha * data.lx, theta[lay.b] - beta * data.ld
+    pred = np.logaddexp(np.logaddexp(t1, t2), e)
+    w1, w2 = np.exp(t1 - pred), np.exp(t2 - pred)
+    return pred, [w1, w2, np.exp(e - pred)]
 
 
 def objective(theta: np.ndarray, lay: Layout, data: Data, delta: float) -> tuple[float, np.ndarray]:
-    """Σ_i h_δ(log L̂_i − log L_i) and its gradient in θ."""
+    """Σ_i h_δ(log L̂_i − log L_i) and its gradient in θ (d log L̂ / d term = that term's softmax weight)."""
     pred, w = log_predict(theta, lay, data)
     value, psi = huber(pred - data.log_loss, delta)
-    grad = np.zeros_like(theta)
     g = len(lay.factors)
-    np.add.at(grad, data.group, psi * w[:, 0])
-    np.add.at(grad, g + data.group, -psi * w[:, 0] * data.lx)
-    data_term = w[:, 0] if lay.law == "multiplicative" else w[:, 1]
-    grad[lay.beta] = -np.sum(psi * data_term * data.ld)
+    grad = np.empty_like(theta)
+    pw = psi * w[0]
+    grad[:g] = np.bincount(data.group, pw, minlength=g)
+    grad[g: 2 * g] = np.bincount(data.group, -pw * data.lx, minlength=g)
+    data_term = psi * (w[0] if lay.law == "multiplicative" else w[1])
+    grad[lay.beta] = -np.dot(data_term, data.ld)
     if lay.law == "additive":
-        grad[lay.b] = np.sum(psi * w[:, 1])
-    grad[lay.e] = np.sum(psi * w[:, -1])
+        grad[lay.b] = np.sum(psi * w[1])
+    grad[lay.e] = np.dot(psi, w[-1])
     return float(value.sum()), grad
 
 
@@ -236,8 +239,7 @@ def start_grid(points: Sequence[Point], lay: Layout, size: str = "full") -> list
 
 
 def fit_law(points: Sequence[Point], law: str, *, delta: float = 1e-3, ref: Reference | None = None,
-            fixed: dict[str, float] | None = None, starts: Sequence[np.ndarray] | None = None,
-            grid: str = "full") -> Fit:
+            fixed: dict[str, float] | None = None, starts: Sequence[np.ndarray] | None = None) -> Fit:
     """Fit ``law`` jointly over the factors present in ``points`` (shared β, E — and B for the additive law —,
     per-factor A and α). ``fixed`` holds shared parameters by name ('beta', 'E', 'B') at given values."""
     if law not in LAWS:
@@ -247,7 +249,7 @@ def fit_law(points: Sequence[Point], law: str, *, delta: float = 1e-3, ref: Refe
     ref = ref or Reference.of(points)
     data = _data(points, factors, ref)
     pinned = _pinned(lay, fixed or {})
-    tries = list(starts) if starts is not None else start_grid(points, lay, grid)
+    tries = list(starts) if starts is not None else start_grid(points, lay)
     results = [_minimise(_pin(t, pinned), lay, data, delta, pinned) for t in tries]
     best = min(results, key=lambda r: r.fun)
     theta = best.x
@@ -324,8 +326,13 @@ class MethodFit:
 
 
 def fit_method(points: Sequence[Point], law: str, *, delta: float = 1e-3, heldout: bool = True,
-               grid: str = "full", warm: MethodFit | None = None) -> MethodFit:
-    """Two-stage fit of one method's points (see the module docstring); ``warm`` seeds the starts (bootstrap)."""
+               warm: MethodFit | None = None) -> MethodFit:
+    """Two-stage fit of one method's points (see the module docstring).
+
+    Stage 1 starts from the full grid (or, in a bootstrap replicate, from the estimate ``warm`` plus one grid
+    point); stage 2, a fit of (a, α) alone with the shared parameters fixed, starts from stage 1's values for the
+    factor (or ``warm``'s) and from α ∈ {0, 0.5}.
+    """
     mask = heldout_mask(points) if heldout else [False] * len(points)
     train = [p for p, h in zip(points, mask, strict=True) if not h]
     test = [p for p, h in zip(points, mask, strict=True) if h]
@@ -334,26 +341,47 @@ def fit_method(points: Sequence[Point], law: str, *, delta: float = 1e-3, heldou
     stage1 = None
     shared: dict[str, float] = {}
     if joint:
-        starts = _warm_starts(warm.stage1, joint, grid) if warm and warm.stage1 else None
-        stage1 = fit_law(joint, law, delta=delta, ref=ref, starts=starts, grid=grid)
+        stage1 = fit_law(joint, law, delta=delta, ref=ref, starts=_warm_starts(warm and warm.stage1, joint))
         any_law = next(iter(stage1.params.values()))
         shared = {"beta": any_law.beta, "E": any_law.E} | ({"B": any_law.B} if law == "additive" else {})
     fits = {}
     for factor in sorted({p.factor for p in train}, key=FACTORS.index):
         own = [p for p in train if p.factor == factor]
-        starts = _warm_starts(warm.fits.get(factor), own, grid) if warm else None
-        fits[factor] = fit_law(own, law, delta=delta, ref=ref, fixed=shared or None, starts=starts, grid=grid)
+        if shared:
+            previous = (warm.fits.get(factor) if warm else None) or stage1
+            starts = _stage2_starts(previous, factor, own, law)
+        else:
+            starts = _warm_starts(warm.fits.get(factor) if warm else None, own)
+        fits[factor] = fit_law(own, law, delta=delta, ref=ref, fixed=shared or None, starts=starts)
     laws = {f: fit.params[f] for f, fit in fits.items()}
     return MethodFit(law, stage1, laws, fits, _mad(train, laws), _mad(test, laws), len(train), len(test))
 
 
-def _warm_starts(previous: Fit | None, points: Sequence[Point], grid: str) -> list[np.ndarray] | None:
+def _warm_starts(previous: Fit | None, points: Sequence[Point]) -> list[np.ndarray] | None:
+    """The previous optimum plus one grid point, when its layout fits these points (None: the full grid)."""
     if previous is None:
         return None
     lay = Layout(previous.law, sorted({p.factor for p in points}, key=FACTORS.index))
     if lay.size != len(previous.theta):
         return None
-    return [previous.theta, *start_grid(points, lay, "small")[:2]] if grid == "small" else None
+    return [previous.theta, start_grid(points, lay, "small")[0]]
+
+
+def _stage2_starts(previous: Fit | None, factor: str, points: Sequence[Point], law: str) -> list[np.ndarray]:
+    """Starts for a one-factor fit with shared parameters pinned: the previous (a, α) of this factor, α ∈ {0, 0.5}."""
+    lay = Layout(law, [factor])
+    base = start_grid(points, lay, "small")[0]
+    starts = []
+    if previous is not None and factor in previous.params:
+        old = previous.params[factor]
+        theta = base.copy()
+        theta[lay.a(0)], theta[lay.alpha(0)] = math.log(old.A), old.alpha
+        starts.append(theta)
+    for alpha in (0.0, 0.5):
+        theta = base.copy()
+        theta[lay.alpha(0)] = alpha
+        starts.append(theta)
+    return starts
 
 
 def _mad(points: Sequence[Point], laws: dict[str, LawParams]) -> float:
@@ -417,7 +445,7 @@ def bootstrap(points_by_method: dict[str, list[Point]], quantities: Callable[[di
         fits: dict[str, dict[str, MethodFit]] = {}
         for method, points in points_by_method.items():
             sample = resample_runs(points, rng)
-            fits[method] = {law: fit_method(sample, law, delta=delta, heldout=heldout, grid="small",
-                                            warm=estimate[method][law]) for law in estimate[method]}
+            fits[method] = {law: fit_method(sample, law, delta=delta, heldout=heldout, warm=estimate[method][law])
+                            for law in estimate[method]}
         out.append(quantities(fits))
     return out
