@@ -150,3 +150,13 @@ def test_killed_worker_is_replaced_and_its_run_redone(tmp_path):
     final = {r.key: r for r in Store(spec.store_path).rows()}
     assert final[victim.key].status == "done" and final[victim.key].attempts == 2
     assert json.loads(json.dumps(final[victim.key].metrics))["steps"] == 60
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_ray_instance(tmp_path):
+    """The same worker loop as Ray tasks against a local Ray instance (only where Ray is installed)."""
+    pytest.importorskip("ray")
+    spec = load_spec(_tiny_spec(tmp_path, d_f=(8, 16), steps=4))
+    result = sweep(spec, workers=2, executor="ray")
+    assert result.counts == {"pending": 0, "running": 0, "done": 2, "failed": 0}
+    assert all(r.attempts == 1 and r.metrics["test_nll"] > 0 for r in Store(spec.store_path).rows())

@@ -150,3 +150,16 @@ def test_mini_toy_study_end_to_end(tmp_path, capsys, monkeypatch):
     assert "done: 42" in listing and "failed: 0" in listing
     assert main(["fit", str(out / "spec.yaml"), "--bootstrap", "2"]) == 0
     assert "power law in D_f" in capsys.readouterr().out
+
+
+def test_one_run_reports_test_nll_and_exact_match(tmp_path):
+    from tunelab.scaling.runner import execute_run
+
+    config = {"model": {"name": "tiny-llama", "dtype": "fp32"}, "method": {"name": "lora", "r": 2, "alpha": 4},
+              "data": {"train": "synthetic:reverse:train:16", "eval": "synthetic:reverse:dev:8", "limit": 8,
+                       "eval_max_examples": 8, "template": "plain", "max_length": 64},
+              "train": {"batch_size": 4, "max_steps": 2, "lr": 1e-2, "seed": 0, "progress": False},
+              "eval": {"generation": 4, "max_new_tokens": 8}}
+    metrics = execute_run(config, tmp_path / "run", threads=1)
+    assert metrics["test_nll"] > 0 and 0.0 <= metrics["exact_match"] <= 1.0 and metrics["steps"] == 2
+    assert metrics["model_params"] < metrics["trainable_params"] * 1000 and not list((tmp_path / "run").glob("*.safetensors"))

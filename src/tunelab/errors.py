@@ -9,7 +9,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tunelab.methods.core import MethodError
     from tunelab.models import ModelError
     from tunelab.runs import RunError
-    from tunelab.scaling.analysis import AnalysisError
+    from tunelab.scaling import AnalysisError
     from tunelab.scaling.store import StoreError
     from tunelab.train.loop import TrainingDiverged
 

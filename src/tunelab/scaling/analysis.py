@@ -12,14 +12,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tunelab.scaling import AnalysisError
 from tunelab.scaling.fit import LAWS, MethodFit, Point, bootstrap, critical_df, fit_method, interval
 from tunelab.scaling.store import RunRow
 
 PET_BOUND = 0.005  # the paper: |α_t| < 0.005 for prompt length and LoRA rank
 
-
-class AnalysisError(ValueError):
-    """The study has too few finished runs to fit (the message says which axis lacks what)."""
+__all__ = ["AnalysisError", "StudyFit", "Verdict", "fit_study", "points_from_rows", "study_summary", "verdicts"]
 
 
 def points_from_rows(rows: Sequence[RunRow]) -> tuple[dict[str, list[Point]], dict[str, str]]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 EXAMPLES = """
   tunelab lab toy --out runs/lab-toy             the whole toy replication (world, pretraining, grid, fits, report)
-  tunelab sweep configs/scaling-toy-mini.yaml --workers 2     run a sweep spec's grid (resumes where it stopped)
+  tunelab sweep configs/scaling-toy.yaml --workers 2          run a sweep spec's grid (resumes where it stopped)
   tunelab runs runs/lab-toy                      list a study's runs
   tunelab fit runs/lab-toy                       fit both laws, print verdicts with bootstrap intervals
   tunelab report runs/lab-toy                    markdown + plots in STUDY/report/

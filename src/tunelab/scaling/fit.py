@@ -26,6 +26,7 @@ over runs; the critical D_f where two methods tie is the root of L̂₁ − L̂�
 from __future__ import annotations
 
 import itertools
+import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -33,13 +34,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy.optimize import brentq, minimize
+
+try:
+    from scipy.optimize import brentq, minimize
+except ImportError as err:  # scipy is the `scaling` extra
+    raise ImportError("fitting scaling laws needs scipy: pip install 'tunelab[scaling]'") from err
 
 LAWS = ("multiplicative", "additive")
 STAGE1_FACTORS = ("model", "pretrain")
 FACTORS = ("model", "pretrain", "pet")
 EXP_BOUNDS = (-2.0, 4.0)  # α, β: negative allowed (a PET size can hurt)
 LOG_BOUNDS = (-20.0, 20.0)  # a, b, e
+log = logging.getLogger(__name__)
 LBFGS_OPTIONS = {"maxiter": 20000, "maxfun": 50000, "ftol": 1e-15, "gtol": 1e-12, "maxls": 50}
 
 
@@ -255,8 +261,11 @@ def fit_law(points: Sequence[Point], law: str, *, delta: float = 1e-3, ref: Refe
     theta = best.x
     params = {f: _params(theta, lay, g, ref) for g, f in enumerate(factors)}
     messages = Counter(str(r.message) for r in results)
-    return Fit(law, params, float(best.fun), theta, bool(best.success), len(results),
-               sum(bool(r.success) for r in results), dict(messages))
+    n_ok = sum(bool(r.success) for r in results)
+    log.info("%s fit of %s (%d points): objective %.6g, best start %s after %d iterations, %d/%d starts "
+             "converged; %s", law, "+".join(factors), len(points), best.fun, "converged" if best.success else
+             f"NOT converged ({best.message})", best.nit, n_ok, len(results), dict(messages))
+    return Fit(law, params, float(best.fun), theta, bool(best.success), len(results), n_ok, dict(messages))
 
 
 def _pinned(lay: Layout, fixed: dict[str, float]) -> dict[int, float]:

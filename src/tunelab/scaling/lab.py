@@ -26,11 +26,11 @@ from tunelab.scaling.pretrain import FAMILY, PretrainConfig, get_size, pretrain,
 from tunelab.scaling.toyworld import WorldConfig, write_world
 
 METHODS: list[dict[str, Any]] = [  # learning rates chosen once per method (see docs/scaling.md)
-    {"label": "full", "method": {"name": "full"}, "train": {"lr": 1.0e-3}},
+    {"label": "full", "method": {"name": "full"}, "train": {"lr": 1.0e-3}},  # 3e-4 / 1e-3 / 3e-3 probed
     {"label": "prompt", "method": {"name": "prompt", "num_tokens": 8, "init": "vocab", "vocab_top": 400},
-     "train": {"lr": 3.0e-2}, "pet": {"key": "num_tokens", "sizes": [2, 8, 32]}},
-    {"label": "lora", "method": {"name": "lora", "r": 4, "alpha": 8.0}, "train": {"lr": 5.0e-3},
-     "pet": {"key": "r", "sizes": [1, 4, 16]}},
+     "train": {"lr": 3.0e-2}, "pet": {"key": "num_tokens", "sizes": [2, 8, 32]}},  # 1e-2 / 3e-2 / 1e-1
+    {"label": "lora", "method": {"name": "lora", "r": 4, "alpha": 8.0}, "train": {"lr": 1.0e-2},
+     "pet": {"key": "r", "sizes": [1, 4, 16]}},  # 2e-3 / 5e-3 / 1.5e-2 probed
 ]
 
 
@@ -58,8 +58,8 @@ class ToyLab:
 
 
 SCALES: dict[str, ToyLab] = {
-    "full": ToyLab(sizes=list(FAMILY), documents=20000, pretrain_steps=1200, pretrain_batch=16, pretrain_model="l",
-                   pet_model="l", checkpoints=[0.125, 0.25, 0.5, 1.0], d_f=[25, 50, 100, 200, 400, 800],
+    "full": ToyLab(sizes=list(FAMILY), documents=20000, pretrain_steps=1500, pretrain_batch=16, pretrain_model="l",
+                   pet_model="l", checkpoints=[0.125, 0.25, 0.5, 1.0], d_f=[25, 50, 100, 200, 400, 800], seeds=[0, 1],
                    budget={"epochs": 5, "min_steps": 30, "max_steps": 250, "batch_size": 16}),
     "mini": ToyLab(sizes=["xs", "s", "m"], documents=600, pretrain_steps=24, pretrain_batch=8, pretrain_model="s",
                    pet_model="s", checkpoints=[0.5, 1.0], d_f=[16, 32, 64], test_examples=48, bootstrap=10,

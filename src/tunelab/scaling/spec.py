@@ -32,6 +32,7 @@ Model size X is the non-embedding parameter count; pretraining tokens come from 
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import math
@@ -254,11 +255,16 @@ def expand(spec: SweepSpec) -> list[Run]:
                 config = _run_config_dict(spec, m, entry, d_f, seed, pet_size)
                 config["eval"] = {"generation": spec.eval.generation, "max_new_tokens": spec.eval.max_new_tokens}
                 key = run_key(config)
+                factors = _factors(spec, entry, m, pet_size, d_f, seed)
                 if key not in runs:
-                    runs[key] = Run(config, _factors(spec, entry, m, pet_size, d_f, seed))
+                    runs[key] = Run(config, factors)
+                for name, value in factors.items():  # a shared run: the pretraining entry knows its tokens
+                    if runs[key].factors.get(name) is None:
+                        runs[key].factors[name] = value
                 if axis == "pretrain" and runs[key].factors["tokens"] is None:
                     raise ConfigError(f"models.pretraining '{entry.label}': pretraining tokens unknown: {entry.model} "
-                                      f"has no pretrain.json; give 'tokens:' in the entry")
+                                      f"has no pretrain.json (written by `tunelab pretrain` / `tunelab lab toy`); "
+                                      f"pretrain it first or give 'tokens:' in the entry")
                 runs[key].factors["axes"] = sorted(set(runs[key].factors["axes"]) | {axis})
     return list(runs.values())
 
@@ -286,6 +292,7 @@ def _factors(spec: SweepSpec, entry: ModelEntry, m: MethodSpec, pet_size: int | 
             "tokens": entry.tokens if entry.tokens is not None else pretrain_tokens(entry.model)}
 
 
+@functools.lru_cache(maxsize=256)
 def model_params(model: str) -> int | None:
     """Non-embedding parameters of a model folder (None for other specs: the run measures them)."""
     from tunelab.scaling.pretrain import non_embedding_params
