@@ -7,6 +7,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tunelab.scaling.cli import COMMANDS as SCALING_COMMANDS
+from tunelab.scaling.cli import EXAMPLES as SCALING_EXAMPLES
+from tunelab.scaling.cli import add_parsers as add_scaling_parsers
+
 EPILOG = """examples:
   tunelab demo                                   fine-tune the embedded model with LoRA, before/after
   tunelab train configs/lora-arith.yaml          train a run (any method) from a YAML config
@@ -20,6 +24,7 @@ EPILOG = """examples:
   tunelab methods                                list methods with their options and defaults
   tunelab quantize smollm2-135m --bits 2 --init loftq --rank 16 --alpha 16 --out runs/nf2-loftq
 """
+EPILOG += SCALING_EXAMPLES.lstrip("\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -74,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--model", default="smollm2-135m")
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--output-dir", default=None)
+    add_scaling_parsers(sub)
     return p
 
 
@@ -217,6 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
             "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize}
 COMMANDS["sweep-lr"] = cmd_sweep_lr
+COMMANDS.update(SCALING_COMMANDS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

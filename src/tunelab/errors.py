@@ -9,9 +9,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from tunelab.methods.core import MethodError
     from tunelab.models import ModelError
     from tunelab.runs import RunError
+    from tunelab.scaling import AnalysisError
+    from tunelab.scaling.store import StoreError
     from tunelab.train.loop import TrainingDiverged
 
-    return (ConfigError, DataError, MethodError, ModelError, RunError, TrainingDiverged)
+    return (ConfigError, DataError, MethodError, ModelError, RunError, TrainingDiverged, StoreError, AnalysisError)
 
 
 USER_ERRORS = _user_errors()

@@ -1,0 +1,133 @@
+"""The scaling-lab commands of ``tunelab``: sweep, runs, fit, report, pretrain, lab (parsers and thin handlers)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXAMPLES = """
+  tunelab lab toy --out runs/lab-toy             the whole toy replication (world, pretraining, grid, fits, report)
+  tunelab sweep configs/scaling-toy.yaml --workers 2          run a sweep spec's grid (resumes where it stopped)
+  tunelab runs runs/lab-toy                      list a study's runs
+  tunelab fit runs/lab-toy                       fit both laws, print verdicts with bootstrap intervals
+  tunelab report runs/lab-toy                    markdown + plots in STUDY/report/
+  tunelab pretrain WORLD --size xs --size s --out MODELS      pretrain tiny Llamas on a toy world
+"""
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("sweep", help="run a scaling sweep spec's grid with worker processes (resumable)")
+    s.add_argument("spec", help="sweep spec YAML (see configs/scaling-*.yaml)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes (threads each = cores // workers)")
+    s.add_argument("--executor", choices=["local", "ray"], default="local")
+    s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
+    s.add_argument("--check", action="store_true", help="validate the spec, print the grid size and exit")
+
+    r = sub.add_parser("runs", help="list the runs of a study")
+    r.add_argument("study", help="study folder, its study.sqlite, or its sweep spec")
+    r.add_argument("--limit", type=int)
+
+    for name, what in (("fit", "fit the scaling laws of a study (bootstrap intervals, verdicts)"),
+                       ("report", "write a study's report: markdown, plots, verdicts on the paper's claims")):
+        f = sub.add_parser(name, help=what)
+        f.add_argument("study", help="study folder, its study.sqlite, or its sweep spec")
+        f.add_argument("--bootstrap", type=int, help="bootstrap replicates (default: the spec's fit.bootstrap)")
+        f.add_argument("--no-heldout", action="store_true", help="fit on every point (no held-out points)")
+        if name == "report":
+            f.add_argument("--out", help="report folder (default STUDY/report)")
+
+    p = sub.add_parser("pretrain", help="pretrain tiny Llama models of the toy family on a toy world's corpus")
+    p.add_argument("world", help="toy world folder (written by `tunelab lab toy` or tunelab.scaling.toyworld)")
+    p.add_argument("--size", action="append", required=True, help="family size: xs, s, m, l, xl (repeatable)")
+    p.add_argument("--out", required=True, help="models folder: SIZE/init, SIZE/ckpt-F")
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--checkpoints", default="0.125,0.25,0.5,1", help="fractions of the budget to export")
+    p.add_argument("--threads", type=int)
+
+    lab = sub.add_parser("lab", help="one-command studies: `tunelab lab toy`")
+    lab.add_argument("study", choices=["toy"])
+    lab.add_argument("--out", default="runs/lab-toy")
+    lab.add_argument("--scale", default="full", help="full (≤ 60 min on 2 cores) or mini (≈ 1–2 min)")
+    lab.add_argument("--workers", type=int, default=2)
+    lab.add_argument("--no-check", action="store_true", help="run the grid even if pretraining loss does not "
+                                                             "fall with model size")
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tunelab.scaling.runner import sweep, threads_per_worker
+    from tunelab.scaling.spec import expand, load_spec
+
+    spec = load_spec(args.spec)
+    if args.check:
+        print(f"{args.spec}: OK ({len(expand(spec))} runs; store {spec.store_path})")
+        return 0
+    print(f"sweep {spec.name}: {args.workers} worker(s) × {threads_per_worker(args.workers)} thread(s), "
+          f"store {spec.store_path}")
+    result = sweep(spec, workers=args.workers, executor=args.executor, retry_failed=args.retry_failed)
+    print(f"done in {result.seconds:.0f} s: {result.counts}" +
+          (f" ({result.replaced_workers} worker(s) replaced)" if result.replaced_workers else ""))
+    return 0 if result.counts["failed"] == 0 and result.counts["pending"] == 0 else 1
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from tunelab.scaling.report import runs_table
+    from tunelab.scaling.store import open_study
+
+    print(runs_table(open_study(args.study), args.limit))
+    return 0
+
+
+def _fit_options(args: argparse.Namespace, store) -> dict:
+    spec = store.info("spec", {}) or {}
+    fit = spec.get("fit", {})
+    replicates = args.bootstrap if args.bootstrap is not None else int(fit.get("bootstrap", 200))
+    return {"bootstrap_replicates": replicates, "delta": float(fit.get("delta", 1e-3)),
+            "heldout": not args.no_heldout and bool(fit.get("heldout", True))}
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from tunelab.scaling.report import fit_summary_text
+    from tunelab.scaling.store import open_study
+
+    store = open_study(args.study)
+    print(fit_summary_text(store, **_fit_options(args, store)))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tunelab.scaling.report import write_report
+    from tunelab.scaling.store import open_study
+
+    store = open_study(args.study)
+    path = write_report(store, args.out or store.path.parent / "report", **_fit_options(args, store))
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from tunelab.scaling.pretrain import PretrainConfig, pretrain
+
+    fractions = [float(f) for f in args.checkpoints.split(",") if f.strip()]
+    world = Path(args.world)
+    for size in args.size:
+        cfg = PretrainConfig(corpus=str(world / "corpus.jsonl"), tokenizer=str(world / "tokenizer"), size=size,
+                             out=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                             checkpoints=fractions, threads=args.threads, progress=True)
+        result = pretrain(cfg)
+        print(f"{size}: N = {result.non_embedding_params:,}  eval loss {result.eval_loss:.4f}  "
+              f"{result.seconds:.0f} s  checkpoints: {', '.join(str(p) for p in result.checkpoints.values())}")
+    return 0
+
+
+def cmd_lab(args: argparse.Namespace) -> int:
+    from tunelab.scaling.lab import run_toy
+
+    report = run_toy(args.out, scale=args.scale, workers=args.workers, check=not args.no_check)
+    print(f"report: {report}")
+    return 0
+
+
+COMMANDS = {"sweep": cmd_sweep, "runs": cmd_runs, "fit": cmd_fit, "report": cmd_report, "pretrain": cmd_pretrain,
+            "lab": cmd_lab}

@@ -1,0 +1,206 @@
+"""`tunelab lab toy`: the whole toy replication with one command.
+
+1. write the toy world (corpus, tasks, tokenizer);  2. pretrain the tiny Llama family (worker processes, largest
+first), exporting checkpoints at fractions of the budget;  3. check that pretraining loss falls with model size;
+4. write the sweep spec (``OUT/spec.yaml``) and run the grid — full tuning, prompt tuning and LoRA over D_f, on the
+model-size, pretraining-data and PET-size axes;  5. fit both laws with the bootstrap and write ``OUT/report/``.
+Every step skips what is already done, so the command resumes after an interruption.
+
+Scales: ``full`` is sized for ≤ 60 minutes on a 2-core CPU; ``mini`` (≈ 1–2 minutes) checks the pipeline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tunelab.config import ConfigError
+from tunelab.scaling.pretrain import FAMILY, PretrainConfig, get_size, pretrain, read_pretrain_info
+from tunelab.scaling.toyworld import WorldConfig, write_world
+
+METHODS: list[dict[str, Any]] = [  # learning rates chosen once per method (see docs/scaling.md)
+    {"label": "full", "method": {"name": "full"}, "train": {"lr": 1.0e-3}},  # 3e-4 / 1e-3 / 3e-3 probed
+    {"label": "prompt", "method": {"name": "prompt", "num_tokens": 8, "init": "vocab", "vocab_top": 400},
+     "train": {"lr": 3.0e-2}, "pet": {"key": "num_tokens", "sizes": [2, 8, 32]}},  # 1e-2 / 3e-2 / 1e-1
+    {"label": "lora", "method": {"name": "lora", "r": 4, "alpha": 8.0}, "train": {"lr": 1.0e-2},
+     "pet": {"key": "r", "sizes": [1, 4, 16]}},  # 2e-3 / 5e-3 / 1.5e-2 probed
+]
+
+
+@dataclass
+class ToyLab:
+    """Sizes of a toy study (see SCALES)."""
+
+    sizes: list[str]
+    documents: int
+    pretrain_steps: int
+    pretrain_batch: int
+    pretrain_model: str  # its checkpoints are the pretraining-data axis
+    pet_model: str
+    checkpoints: list[float]
+    d_f: list[int]
+    budget: dict[str, Any]
+    task_train: int = 2000
+    test_examples: int = 300
+    seeds: list[int] = field(default_factory=lambda: [0])
+    bootstrap: int = 200
+    max_length: int = 128
+    pretrain_lr: float = 3e-3
+    task: str = "translate"
+    methods: list[dict[str, Any]] = field(default_factory=lambda: [dict(m) for m in METHODS])
+
+
+SCALES: dict[str, ToyLab] = {
+    "full": ToyLab(sizes=list(FAMILY), documents=20000, pretrain_steps=1500, pretrain_batch=16, pretrain_model="l",
+                   pet_model="l", checkpoints=[0.125, 0.25, 0.5, 1.0], d_f=[25, 50, 100, 200, 400, 800], seeds=[0, 1],
+                   budget={"epochs": 5, "min_steps": 30, "max_steps": 250, "batch_size": 16}),
+    "mini": ToyLab(sizes=["xs", "s", "m"], documents=600, pretrain_steps=24, pretrain_batch=8, pretrain_model="s",
+                   pet_model="s", checkpoints=[0.5, 1.0], d_f=[16, 32, 64], test_examples=48, bootstrap=10,
+                   budget={"epochs": 2, "min_steps": 4, "max_steps": 8, "batch_size": 8}, task_train=128,
+                   methods=[{**m, "pet": {**m["pet"], "sizes": m["pet"]["sizes"][:2]}} if "pet" in m else m
+                            for m in METHODS]),
+}
+
+
+def get_scale(name: str) -> ToyLab:
+    from tunelab.config import suggest
+
+    if name not in SCALES:
+        raise ConfigError(f"unknown toy scale '{name}'.{suggest(name, SCALES)} Scales: {', '.join(SCALES)}")
+    return dataclasses.replace(SCALES[name])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Steps
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pretrain_family(lab: ToyLab, world_dir: Path, models_dir: Path, workers: int, threads: int,
+                    log: Any = print) -> dict[str, dict[str, Any]]:
+    """Pretrain every size not yet pretrained (largest first, ``workers`` at a time); pretrain.json per size."""
+    todo = []
+    for label in sorted(lab.sizes, key=lambda s: -get_size(s).non_embedding_params()):
+        cfg = PretrainConfig(corpus=str(world_dir / "corpus.jsonl"), tokenizer=str(world_dir / "tokenizer"),
+                             size=label, out=str(models_dir), steps=lab.pretrain_steps, batch_size=lab.pretrain_batch,
+                             max_length=lab.max_length, lr=lab.pretrain_lr, checkpoints=list(lab.checkpoints),
+                             threads=threads)
+        if not _pretrained(cfg):
+            todo.append(cfg)
+    if todo:
+        log(f"pretraining {', '.join(c.size for c in todo)} ({lab.pretrain_steps} steps each, {workers} at a time)")
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+            for result in pool.map(_pretrain_one, todo):
+                log(f"  {result['size']}: N = {result['params']:,}  eval loss {result['eval_loss']:.4f}  "
+                    f"({result['seconds']:.0f} s)")
+    return {s: read_pretrain_info(models_dir / s / "ckpt-1") or {} for s in lab.sizes}
+
+
+def _pretrain_one(cfg: PretrainConfig) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(cfg.threads or 1)
+    t0 = time.perf_counter()
+    result = pretrain(cfg)
+    stamp = Path(cfg.out) / cfg.size / "pretrain-config.json"
+    stamp.write_text(json.dumps(dataclasses.asdict(cfg), sort_keys=True))
+    return {"size": cfg.size, "params": result.non_embedding_params, "eval_loss": result.eval_loss or float("nan"),
+            "seconds": time.perf_counter() - t0}
+
+
+def _pretrained(cfg: PretrainConfig) -> bool:
+    root = Path(cfg.out) / cfg.size
+    stamp = root / "pretrain-config.json"
+    if not stamp.is_file() or json.loads(stamp.read_text()) != json.loads(json.dumps(dataclasses.asdict(cfg))):
+        return False
+    return all((root / f"ckpt-{f:g}" / "pretrain.json").is_file() for f in cfg.checkpoints)
+
+
+def check_pretraining(infos: dict[str, dict[str, Any]]) -> list[str]:
+    """Problems with the family: final held-out pretraining loss must fall as model size grows."""
+    ordered = sorted(infos.items(), key=lambda kv: kv[1].get("non_embedding_params", 0))
+    losses = [(s, i.get("eval_loss")) for s, i in ordered]
+    problems = []
+    for (s1, l1), (s2, l2) in zip(losses[:-1], losses[1:], strict=True):
+        if l1 is None or l2 is None or not l2 < l1:
+            problems.append(f"pretraining loss does not fall from {s1} ({l1}) to {s2} ({l2})")
+    return problems
+
+
+def toy_spec(lab: ToyLab, out: Path, world_dir: Path, models_dir: Path, templates: dict[str, str]) -> dict[str, Any]:
+    """The sweep spec of the toy study, pointing at the pretrained checkpoints (``templates``: world.json's)."""
+    last = f"ckpt-{max(lab.checkpoints):g}"
+    return {
+        "name": f"toy-{lab.task}", "output_dir": str(out),
+        "task": {"train": str(world_dir / "tasks" / f"{lab.task}-train.jsonl"),
+                 "test": str(world_dir / "tasks" / f"{lab.task}-test.jsonl"),
+                 "template": templates[lab.task], "max_length": 256,
+                 "test_examples": lab.test_examples},
+        "models": {"sizes": [{"label": s, "model": str(models_dir / s / last)} for s in lab.sizes],
+                   "pretraining": [{"label": f"{lab.pretrain_model}@{f:g}",
+                                    "model": str(models_dir / lab.pretrain_model / f"ckpt-{f:g}")}
+                                   for f in sorted(lab.checkpoints)]},  # the last one is also on the model axis
+        "methods": lab.methods, "pet_model": lab.pet_model, "d_f": lab.d_f, "seeds": lab.seeds,
+        "budget": lab.budget, "train": {"warmup_ratio": 0.1, "schedule": "cosine"},
+        "fit": {"bootstrap": lab.bootstrap},
+    }
+
+
+def write_spec(lab: ToyLab, out: Path, world_dir: Path, models_dir: Path) -> Path:
+    """Write OUT/spec.yaml (see ``toy_spec``)."""
+    templates = json.loads((world_dir / "world.json").read_text())["templates"]
+    path = out / "spec.yaml"
+    path.write_text(SPEC_HEADER + yaml.safe_dump(toy_spec(lab, out, world_dir, models_dir, templates), sort_keys=False))
+    return path
+
+
+SPEC_HEADER = """# The toy scaling study (written by `tunelab lab toy`; configs/scaling-toy.yaml is the full-scale copy).
+# After `tunelab lab toy --out runs/lab-toy` has pretrained the family, `tunelab sweep` reruns/extends the grid.
+"""
+
+
+def run_toy(out: str | Path, *, scale: str = "full", workers: int = 2, check: bool = True,
+            log: Any = print) -> Path:
+    """The whole toy study (see the module docstring); returns the report path."""
+    from tunelab.scaling.report import write_report
+    from tunelab.scaling.runner import sweep, threads_per_worker
+    from tunelab.scaling.spec import load_spec
+    from tunelab.scaling.store import Store
+
+    t0 = time.perf_counter()
+    lab, out = get_scale(scale), Path(out)
+    world_dir, models_dir = out / "world", out / "models"
+    if not (world_dir / "world.json").is_file():
+        write_world(WorldConfig(), world_dir, documents=lab.documents, task_train=lab.task_train,
+                    task_test=lab.test_examples)
+    infos = pretrain_family(lab, world_dir, models_dir, workers, threads_per_worker(workers), log)
+    problems = check_pretraining(infos)
+    if problems and check:
+        raise ConfigError("; ".join(problems) + ". Pretrain longer (more steps) or with another learning rate "
+                          "before running the grid, or pass --no-check to run it anyway")
+    spec = load_spec(write_spec(lab, out, world_dir, models_dir))
+    log(f"pretraining done ({time.perf_counter() - t0:.0f} s); sweep of {spec.store_path}")
+    result = sweep(spec, workers=workers)
+    log(f"sweep: {result.counts} ({result.seconds:.0f} s)")
+    report = write_report(Store(spec.store_path), out / "report", bootstrap_replicates=spec.fit.bootstrap,
+                          delta=spec.fit.delta, heldout=spec.fit.heldout)
+    _append_wall_time(report, time.perf_counter() - t0, infos, problems)
+    return report
+
+
+def _append_wall_time(report: Path, seconds: float, infos: dict[str, dict[str, Any]], problems: list[str]) -> None:
+    lines = ["", "## Pretraining", "", "| size | N | tokens | eval loss |", "|---|---:|---:|---:|"]
+    for s, i in sorted(infos.items(), key=lambda kv: kv[1].get("non_embedding_params", 0)):
+        lines.append(f"| {s} | {i.get('non_embedding_params', 0):,} | {i.get('tokens', 0):,} | "
+                     f"{i.get('eval_loss') or float('nan'):.4f} |")
+    lines += ["", *(f"- warning: {p}" for p in problems), f"Whole study wall time: {seconds / 60:.1f} min.", ""]
+    with open(report, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines))

@@ -1,0 +1,218 @@
+"""Executing a study: worker processes that claim runs from the store, train them with the one loop, commit.
+
+``sweep(spec, workers=N)`` adds the grid to the store and starts N worker processes (spawned, so each has its own
+torch) with T = max(1, cores // N) torch threads each, so that N·T never exceeds the cores. A worker repeats
+claim → train → commit until no run is pending. If a worker dies (killed, out of memory) the run it held is
+recovered by the next claim and the sweep starts a replacement worker; a sweep that is itself killed resumes with
+the same command — finished runs are not repeated. ``executor="ray"`` runs the same worker loop as Ray tasks
+(the store file must then be on a filesystem every node sees).
+
+A run is the tunelab training loop (``tunelab.train.loop.Trainer``) on the run's config; its metric is the
+held-out NLL per target token, computed by the loop's evaluation with the training objective
+(``tunelab.train.objective.nll_sum``), optionally plus greedy exact match on some test examples.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunelab.scaling.spec import SweepSpec, expand
+from tunelab.scaling.store import Claim, Heartbeat, Store
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def threads_per_worker(workers: int, cores: int | None = None) -> int:
+    """T = max(1, cores // workers): workers × threads fit the cores (one thread each when workers ≥ cores)."""
+    return max(1, (cores or available_cores()) // max(1, workers))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def execute_run(config: dict[str, Any], run_dir: Path, threads: int) -> dict[str, Any]:
+    """Train one grid point from a fresh run directory and return its metrics (test_nll is the law's L)."""
+    from tunelab.config import config_from_dict
+    from tunelab.train.loop import Trainer
+
+    if run_dir.exists():  # a previous attempt was interrupted: start over (the run is short)
+        shutil.rmtree(run_dir)
+    extra = config.get("eval", {})
+    run = {k: v for k, v in config.items() if k != "eval"}
+    run["train"] = {**run["train"], "threads": threads}
+    cfg = config_from_dict({**run, "output_dir": str(run_dir)})
+    trainer = Trainer(cfg)
+    result = trainer.run()
+    metrics = {"test_nll": result.eval_loss, "train_loss": result.train_loss, "steps": result.steps,
+               "train_seconds": result.seconds, "tokens": result.tokens, "target_tokens": result.target_tokens,
+               "trainable_params": result.trainable_params, "peak_rss_mb": result.peak_rss_mb,
+               "model_params": result.total_params - _embedding_params(trainer.model)}
+    if extra.get("generation"):
+        metrics["exact_match"] = exact_match(trainer, int(extra["generation"]), int(extra.get("max_new_tokens", 48)))
+    for heavy in run_dir.glob("*.safetensors"):
+        heavy.unlink()  # the study keeps numbers, not weights (a full-tuning run would store the whole model)
+    return metrics
+
+
+def _embedding_params(model: Any) -> int:
+    """Token embedding and output projection parameters (counted once when tied)."""
+    found = {id(p): p.numel() for m in (model.get_input_embeddings(), model.get_output_embeddings())
+             if m is not None for p in m.parameters(recurse=False)}
+    return sum(found.values())
+
+
+def exact_match(trainer: Any, n: int, max_new_tokens: int) -> float:
+    """Share of the first ``n`` test examples whose greedy continuation equals the reference (whitespace-normalised)."""
+    from tunelab.data import encode_prompts
+    from tunelab.eval.generate import GenerationSettings, generate_ids
+    from tunelab.train.batches import read_source
+
+    records, _ = read_source(trainer.cfg.data.eval, trainer.cfg.data, trainer.cfg.train.seed)
+    records = records[:n]
+    ids = encode_prompts(records, trainer.tokenizer, template=trainer.cfg.data.template)
+    out = generate_ids(trainer.model, trainer.tokenizer, ids, GenerationSettings(max_new_tokens=max_new_tokens))
+    hits = sum(" ".join(g.text.split()) == " ".join(r.output.split()) for g, r in zip(out, records, strict=True))
+    return hits / max(1, len(records))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Workers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def worker_loop(store_path: str, runs_dir: str, threads: int, max_runs: int | None = None) -> int:
+    """Claim, execute and commit runs until none is pending (or ``max_runs`` were done); returns runs done."""
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    store = Store(store_path)
+    done = 0
+    while max_runs is None or done < max_runs:
+        claim = store.claim()
+        if claim is None:
+            break
+        _execute_claim(store, claim, Path(runs_dir) / claim.key, threads)
+        done += 1
+    return done
+
+
+def _execute_claim(store: Store, claim: Claim, run_dir: Path, threads: int) -> None:
+    t0 = time.perf_counter()
+    with Heartbeat(store, claim):
+        try:
+            metrics = execute_run(claim.config, run_dir, threads)
+        except Exception:  # a failed run is recorded with its traceback; KeyboardInterrupt leaves it to recovery
+            store.fail(claim, traceback.format_exc(), time.perf_counter() - t0)
+            return
+    store.commit(claim, metrics, time.perf_counter() - t0)
+
+
+@dataclass
+class SweepResult:
+    counts: dict[str, int]
+    seconds: float
+    workers: int
+    threads: int
+    replaced_workers: int
+
+
+def prepare(spec: SweepSpec, retry_failed: bool = False) -> Store:
+    """Create/open the study store and add the spec's grid (finished runs stay finished)."""
+    store = Store(spec.store_path)
+    runs = expand(spec)
+    store.add_runs([(r.key, r.config, r.factors) for r in runs])
+    store.set_info("spec", _spec_dict(spec))
+    if retry_failed:
+        store.reset_failed()
+    return store
+
+
+def _spec_dict(spec: SweepSpec) -> dict[str, Any]:
+    import dataclasses
+
+    return dataclasses.asdict(spec)
+
+
+def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_failed: bool = False,
+          max_restarts: int | None = None) -> SweepResult:
+    """Run every pending run of the study (see the module docstring)."""
+    t0 = time.perf_counter()
+    store = prepare(spec, retry_failed)
+    threads = threads_per_worker(workers)
+    runs_dir = str(Path(spec.output_dir) / "runs")
+    if executor == "ray":
+        replaced = _sweep_ray(str(store.path), runs_dir, workers, threads)
+    elif executor == "local":
+        replaced = _sweep_local(str(store.path), runs_dir, workers, threads, max_restarts)
+    else:
+        from tunelab.config import ConfigError
+
+        raise ConfigError(f"unknown executor {executor!r}; use 'local' (worker processes) or 'ray'")
+    return SweepResult(store.counts(), time.perf_counter() - t0, workers, threads, replaced)
+
+
+def _sweep_local(store_path: str, runs_dir: str, workers: int, threads: int, max_restarts: int | None) -> int:
+    ctx = mp.get_context("spawn")
+    store = Store(store_path)
+    budget = 3 * workers if max_restarts is None else max_restarts
+    procs = [_start(ctx, store_path, runs_dir, threads) for _ in range(workers)]
+    replaced = 0
+    while procs:
+        time.sleep(0.5)
+        for p in [p for p in procs if not p.is_alive()]:
+            p.join()
+            procs.remove(p)
+            died = p.exitcode != 0
+            if died and replaced < budget and store.counts()["pending"] + store.recover() > 0:
+                procs.append(_start(ctx, store_path, runs_dir, threads))
+                replaced += 1
+    return replaced
+
+
+def _start(ctx: Any, store_path: str, runs_dir: str, threads: int) -> Any:
+    p = ctx.Process(target=worker_loop, args=(store_path, runs_dir, threads), daemon=False)
+    p.start()
+    return p
+
+
+def ray_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("ray") is not None
+
+
+def _sweep_ray(store_path: str, runs_dir: str, workers: int, threads: int) -> int:
+    """The same worker loop as Ray tasks (ray.init() joins RAY_ADDRESS when set, else starts a local instance)."""
+    if not ray_available():
+        from tunelab.config import ConfigError
+
+        raise ConfigError("--executor ray needs Ray: pip install 'tunelab[ray]' (or use --executor local)")
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS")
+                 else workers * threads, include_dashboard=False, log_to_driver=False)
+    task = ray.remote(num_cpus=threads, max_retries=3)(worker_loop)
+    try:
+        ray.get([task.remote(os.path.abspath(store_path), os.path.abspath(runs_dir), threads)
+                 for _ in range(workers)])
+    finally:
+        if started:
+            ray.shutdown()
+    return 0

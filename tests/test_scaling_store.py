@@ -1,0 +1,162 @@
+"""The results store and the sweep runner: transactions, stale-claim recovery, and real kills mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunelab.scaling.runner import sweep, threads_per_worker
+from tunelab.scaling.spec import load_spec
+from tunelab.scaling.store import Store, StoreError, open_study, process_alive, process_start
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _store(tmp_path, n=3) -> Store:
+    store = Store(tmp_path / "study.sqlite")
+    store.add_runs([(f"k{i}", {"i": i}, {"axes": ["model"]}) for i in range(n)])
+    return store
+
+
+def test_claim_commit_fail_and_order(tmp_path):
+    store = _store(tmp_path)
+    a, b = store.claim(), store.claim()
+    assert (a.key, b.key, a.attempt) == ("k0", "k1", 1) and a.config == {"i": 0}
+    assert store.commit(a, {"test_nll": 1.5}, 2.0) and store.fail(b, "Traceback ... boom", 1.0)
+    assert store.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 1}
+    assert not store.commit(a, {"test_nll": 9.9}, 1.0)  # no claim held any more: nothing written
+    done = store.rows("done")[0]
+    assert done.metrics == {"test_nll": 1.5} and done.seconds == 2.0 and done.finished >= done.started
+    assert store.add_runs([("k0", {"i": 0}, {"axes": ["model", "pet"]}), ("k9", {"i": 9}, {"axes": []})]) == 1
+    assert store.rows("done")[0].factors["axes"] == ["model", "pet"] and store.rows("done")[0].metrics
+    assert store.reset_failed() == 1 and store.counts()["pending"] == 3
+
+
+def test_dead_worker_claim_is_recovered_and_its_late_commit_refused(tmp_path):
+    store = _store(tmp_path, 1)
+    code = ("import sys; from tunelab.scaling.store import Store; "
+            "c = Store(sys.argv[1]).claim(); print(c.token, flush=True)")
+    out = subprocess.run([sys.executable, "-c", code, str(store.path)], capture_output=True, text=True, check=True)
+    row = store.rows()[0]
+    assert row.status == "running" and not process_alive(row.pid, None)
+    again = store.claim()  # recovery happens inside the claim transaction
+    assert again.key == "k0" and again.attempt == 2 and again.token != out.stdout.strip()
+
+
+def test_stale_heartbeat_is_recovered_for_other_hosts(tmp_path):
+    store = _store(tmp_path, 1)
+    store.claim()
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE runs SET host = 'elsewhere', heartbeat = 0")
+    assert store.recover() == 1 and store.counts()["pending"] == 1
+    assert process_alive(os.getpid(), process_start(os.getpid()))
+
+
+def test_open_study_errors_name_the_file(tmp_path):
+    with pytest.raises(StoreError, match="tunelab sweep"):
+        open_study(tmp_path / "nothing")
+
+
+def test_threads_fit_the_cores():
+    assert threads_per_worker(2, cores=2) == 1 and threads_per_worker(1, cores=2) == 2
+    assert threads_per_worker(4, cores=2) == 1 and threads_per_worker(3, cores=16) == 5
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Real processes, real kills
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_spec(tmp_path, d_f=(8, 16, 24), steps=40) -> Path:
+    spec = {
+        "name": "tiny", "output_dir": str(tmp_path / "study"),
+        "task": {"train": "synthetic:reverse:train:64", "test": "synthetic:reverse:dev:16", "template": "plain",
+                 "max_length": 64, "test_examples": 16},
+        "models": {"sizes": [{"label": "tiny", "model": "tiny-llama", "params": 100}]},
+        "methods": [{"label": "lora", "method": {"name": "lora", "r": 2, "alpha": 4}, "train": {"lr": 1e-2}}],
+        "d_f": list(d_f), "budget": {"epochs": 1, "min_steps": steps, "max_steps": steps, "batch_size": 4},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(REPO / "src"), "TUNELAB_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _wait_for(store_path: Path, predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if store_path.exists():
+            try:
+                rows = Store(store_path).rows()
+            except sqlite3.Error:
+                rows = []
+            if rows and predicate(rows):
+                return rows
+        time.sleep(0.05)
+    raise AssertionError("timed out waiting for the sweep")
+
+
+def test_sweep_killed_mid_run_resumes_without_repeating_finished_runs(tmp_path):
+    spec_path = _tiny_spec(tmp_path)
+    spec = load_spec(spec_path)
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", str(spec_path), "--workers", "1"],
+                            env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rows = _wait_for(spec.store_path, lambda rs: sum(r.status == "done" for r in rs) >= 1
+                         and any(r.status == "running" for r in rs))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its worker, at once, mid-run
+        proc.wait()
+    time.sleep(0.2)
+    rows = Store(spec.store_path).rows()
+    done_before = {r.key: r.finished for r in rows if r.status == "done"}
+    killed = [r.key for r in rows if r.status == "running"]
+    assert done_before and killed
+    result = sweep(spec, workers=1)
+    assert result.counts == {"pending": 0, "running": 0, "done": 3, "failed": 0}
+    after = {r.key: r for r in Store(spec.store_path).rows()}
+    assert all(after[k].finished == t and after[k].attempts == 1 for k, t in done_before.items())
+    assert all(after[k].attempts == 2 and after[k].metrics["test_nll"] > 0 for k in killed)
+
+
+def test_killed_worker_is_replaced_and_its_run_redone(tmp_path):
+    spec_path = _tiny_spec(tmp_path, d_f=(8, 16), steps=60)
+    spec = load_spec(spec_path)
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", str(spec_path), "--workers", "1"],
+                            env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        rows = _wait_for(spec.store_path, lambda rs: any(r.status == "running" for r in rs))
+        victim = next(r for r in rows if r.status == "running")
+        os.kill(victim.pid, signal.SIGKILL)  # only the worker process; the sweep notices and replaces it
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out
+    assert "1 worker(s) replaced" in out
+    final = {r.key: r for r in Store(spec.store_path).rows()}
+    assert final[victim.key].status == "done" and final[victim.key].attempts == 2
+    assert json.loads(json.dumps(final[victim.key].metrics))["steps"] == 60
+
+
+@pytest.mark.slow
+def test_ray_executor_on_a_local_ray_instance(tmp_path):
+    """The same worker loop as Ray tasks against a local Ray instance (only where Ray is installed)."""
+    pytest.importorskip("ray")
+    spec = load_spec(_tiny_spec(tmp_path, d_f=(8, 16), steps=4))
+    result = sweep(spec, workers=2, executor="ray")
+    assert result.counts == {"pending": 0, "running": 0, "done": 2, "failed": 0}
+    assert all(r.attempts == 1 and r.metrics["test_nll"] > 0 for r in Store(spec.store_path).rows())
