@@ -34,11 +34,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-try:
-    from scipy.optimize import brentq, minimize
-except ImportError as err:  # scipy is the `scaling` extra
-    raise ImportError("fitting scaling laws needs scipy: pip install 'tunelab[scaling]'") from err
+from scipy.optimize import brentq, minimize
 
 LAWS = ("multiplicative", "additive")
 STAGE1_FACTORS = ("model", "pretrain")
