@@ -221,9 +221,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
-            "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize}
-COMMANDS["sweep-lr"] = cmd_sweep_lr
-COMMANDS.update(SCALING_COMMANDS)
+            "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize, "sweep-lr": cmd_sweep_lr,
+            **SCALING_COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
