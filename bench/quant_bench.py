@@ -7,11 +7,14 @@ the parent imports only the standard library (see bench/common.py). Measured:
 
 * ``loftq-init-T1`` / ``loftq-init-T5``: LoftQ NF4 (r = --rank, α = r) over every linear layer of the decoder,
   T = 1 and 5 alternations — wall time of ``quantize_model`` (fp32, torch.linalg.svd on the CPU);
-* ``memory``: weight bytes at NF4, NF4 + double quantization and NF2 against the same layers in bf16;
+* ``memory``: weight bytes at NF4, NF4 + double quantization and NF2 against the same layers in bf16, and of the
+  whole model (every weight; norms and unquantized tables counted in bf16) with the token embedding / tied head
+  left in bf16 (the QLoRA default) and quantized too (``quantize.embeddings``; labels ``*-emb``; at NF2 the
+  table is also measured at 4 bits, ``nf2-emb4``);
 * ``train-lora-bf16`` / ``train-qlora-nf4``: tokens/s and peak RSS of LoRA (r=8, α=16, all-linear) on the bf16
   base vs on the NF4 base, batch 8 × 128 tokens, the data of bench/train_throughput.py (its helpers are reused).
 
-Targets (issue 7): weights ≤ 0.3× bf16 at 4 bits; QLoRA tokens/s ≥ 0.7× bf16 LoRA; LoftQ T=5 ≤ 120 s.
+Targets (issue 7): weights ≤ 0.3× bf16 at 4 bits (quantized layers, and the whole model with embeddings); QLoRA tokens/s ≥ 0.7× bf16 LoRA; LoftQ T=5 ≤ 120 s.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {
     "loftq-init-T1": "LoftQ NF4 init, T=1, every decoder linear layer",
     "loftq-init-T5": "LoftQ NF4 init, T=5, every decoder linear layer",
-    "memory": "weight bytes of the quantized linear layers at NF4, NF4+double quantization, NF2 vs bf16",
+    "memory": "weight bytes of the quantized layers and of the whole model at NF4, NF4+dq, NF2 vs bf16, "
+              "embedding table in bf16 or quantized",
     "train-lora-bf16": "tunelab LoRA r=8 alpha=16 all-linear, bf16 base, batch 8 x 128",
     "train-qlora-nf4": "tunelab LoRA r=8 alpha=16 all-linear on an NF4 base (block 64), batch 8 x 128",
 }
@@ -80,12 +84,18 @@ def worker_memory() -> dict[str, Any]:
     from tunelab.quant.model import quantize_model
 
     out = {}
-    for label, section in {"nf4": QuantizeSection(bits=4), "nf4-dq": QuantizeSection(bits=4, double_quant=True),
-                           "nf2": QuantizeSection(bits=2), "nf2-dq": QuantizeSection(bits=2, double_quant=True)}.items():
+    sections = {"nf4": QuantizeSection(bits=4), "nf4-dq": QuantizeSection(bits=4, double_quant=True),
+                "nf2": QuantizeSection(bits=2), "nf2-dq": QuantizeSection(bits=2, double_quant=True),
+                "nf4-emb": QuantizeSection(bits=4, embeddings=True),
+                "nf4-dq-emb": QuantizeSection(bits=4, double_quant=True, embeddings=True),
+                "nf2-emb4": QuantizeSection(bits=2, embeddings=True, embedding_bits=4)}
+    for label, section in sections.items():
         model, _ = load_model(MODEL, "fp32")
         t0 = time.perf_counter()
-        quantize_model(model, section)
-        out[label] = {**quant_memory(model), "quantize_s": time.perf_counter() - t0}
+        state = quantize_model(model, section)
+        tables = {r.name: {"kind": r.kind, "bits": r.bits, "rel_error": r.qlora_error}
+                  for r in state.report if r.kind != "linear"}
+        out[label] = {**quant_memory(model), "quantize_s": time.perf_counter() - t0, "tables": tables}
     return out
 
 
@@ -158,9 +168,12 @@ def summarise(results: dict[str, Any], warmup: int) -> dict[str, Any]:
             q4["peak_rss_mib"], bf16["peak_rss_mib"]), "target_tokens_per_s_met": tps is not None and tps >= 0.7}
     mem = results.get("memory", {})
     if mem.get("status") == "ok":
-        out["weights_vs_bf16"] = {k: {"quantized_layers": v["quantized_ratio"], "whole_model": v["model_ratio"]}
+        out["weights_vs_bf16"] = {k: {"quantized_layers": v["quantized_ratio"], "linear_layers": v.get("linear_ratio"),
+                                      "embedding": v.get("embedding_ratio"), "whole_model": v["model_ratio"]}
                                   for k, v in mem.items() if isinstance(v, dict) and "quantized_ratio" in v}
         out["target_weights_4bit_met"] = mem["nf4"]["quantized_ratio"] <= TARGETS["weights_4bit_vs_bf16_max"]
+        if "nf4-emb" in mem:  # the whole embedded model, embedding and tied head quantized too
+            out["target_whole_model_4bit_met"] = mem["nf4-emb"]["model_ratio"] <= TARGETS["weights_4bit_vs_bf16_max"]
     t5 = results.get("loftq-init-T5", {})
     if t5.get("status") == "ok":
         out["target_loftq_T5_met"] = t5["seconds"] <= TARGETS["loftq_T5_s_max"]

@@ -183,6 +183,12 @@ ROWS = [
     Row("qlora-int8-dq-qv", "lora", {"r": 2, "alpha": 4, "targets": ["q_proj", "v_proj"]},
         lora_closed_form(2, _qv), quantize={"bits": 8, "quant": "int", "double_quant": True, "block": 32},
         archs=["tiny-llama"]),
+    # quantize.embeddings: the token embedding and the tied head (QuantEmbedding / QuantHead) are codes too
+    Row("qlora-nf4-embeddings", "lora", {"r": 4, "alpha": 8}, lora_closed_form(4),
+        quantize={"bits": 4, "embeddings": True}),
+    Row("prompt-on-nf4-embeddings", "prompt", {"num_tokens": 5}, prompt_closed_form(5), identity_at_init=False,
+        mergeable=False, mergeable_why="soft tokens are attended to, not added to weights: no weight update equals them",
+        quantize={"bits": 4, "embeddings": True}, archs=["tiny-llama"]),
     # LoftQ sets B != 0 so that Q + s·B·A approximates the full-precision W: the output moves away from the
     # quantized base at init by design (towards the unquantized model: tests/test_quant.py checks that)
     Row("loftq-nf2-alpha-ne-r", "lora", {"r": 4, "alpha": 16}, lora_closed_form(4), identity_at_init=False,

@@ -427,3 +427,240 @@ def test_quantized_base_directory_initialises_lora_with_the_loftq_factors(tmp_pa
     state.init_adapters(handle)
     saved = load_file(str(out / ADAPTER_INIT))
     torch.testing.assert_close(handle.state_dict(), saved)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Quantized token embedding and output head (quantize.embeddings)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _table(v=50, d=72, seed=3):
+    emb = torch.nn.Embedding(v, d)
+    torch.nn.init.normal_(emb.weight, std=0.05, generator=torch.Generator().manual_seed(seed))
+    return emb
+
+
+@pytest.mark.parametrize(("bits", "block", "dq", "d"), [(4, 64, False, 72), (4, 64, True, 128), (2, 8, True, 36),
+                                                         (8, 32, False, 64)])
+def test_quant_embedding_lookup_is_rows_of_the_dequantized_table(bits, block, dq, d, monkeypatch):
+    from tunelab.quant import embedding as qemb
+
+    emb = _table(d=d)
+    spec = QuantSpec("nf", bits, block, double_quant=dq)
+    q = qemb.QuantEmbedding.from_embedding(emb, spec)
+    # the table is quantized row-blockwise with quantize() itself: rows zero-padded to whole blocks
+    d_p = -(-d // block) * block
+    full = dequantize(quantize(F.pad(emb.weight.detach(), (0, d_p - d)), spec))[:, :d]
+    torch.testing.assert_close(q.dequantize(), full, rtol=0, atol=0)
+    ref = reference_quantize(F.pad(emb.weight.detach(), (0, d_p - d)), spec.codebook(), block)[:, :d]
+    if not dq:
+        torch.testing.assert_close(full, ref, rtol=0, atol=1e-6)
+    ids = torch.tensor([[3, 0, 49, 3], [7, 7, 1, 48]])
+    shapes = []
+    real = qemb.dequantize_codes
+    monkeypatch.setattr(qemb, "dequantize_codes", lambda *a: shapes.append(a[3]) or real(*a))
+    got = q(ids)
+    assert got.shape == (2, 4, d) and got.dtype == torch.float32
+    torch.testing.assert_close(got, full[ids], rtol=0, atol=0)
+    assert shapes == [(ids.numel(), d_p)]  # only the looked-up rows are dequantized
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert q(ids).dtype == torch.bfloat16
+    assert q.to(torch.bfloat16)(ids).dtype == torch.bfloat16  # model.to(bf16): lookups in bf16, codes unchanged
+    assert q.codes.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_quant_head_chunked_logits_and_input_gradient_match_the_dense_reference(dq, monkeypatch):
+    from tunelab.quant import embedding as qemb
+
+    emb = _table(v=50, d=64)
+    q = qemb.QuantEmbedding.from_embedding(emb, QuantSpec("nf", 4, double_quant=dq))
+    head = qemb.QuantHead(q, tied=True, chunk=16)  # 50 rows: chunks of 16, 16, 16, 2
+    w_hat = q.dequantize()
+    h = torch.randn(7, 64, requires_grad=True)
+    rows = []
+    real = qemb.QuantTable.row_range
+    monkeypatch.setattr(qemb.QuantTable, "row_range", lambda self, a, b, dt: rows.append(b - a) or real(self, a, b, dt))
+    z = head(h)
+    torch.testing.assert_close(z, F.linear(h, w_hat), rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(z)
+    (gh,) = torch.autograd.grad(z, h, g)
+    torch.testing.assert_close(gh, g @ w_hat, rtol=1e-5, atol=1e-6)
+    assert max(rows) == 16 and sum(rows) == 2 * 50  # forward + backward, never more than a chunk at a time
+    with torch.no_grad():
+        torch.testing.assert_close(head(h), F.linear(h, w_hat), rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        zb = head(h)
+    assert zb.dtype == torch.bfloat16 and relative_error(F.linear(h, w_hat).detach(), zb.float().detach()) < 0.02
+    assert not list(head.parameters()) and not list(head.buffers())  # tied: the codes are the embedding's
+
+
+def test_quant_head_saves_no_table_sized_tensor_for_backward():
+    from tunelab.quant.embedding import QuantEmbedding, QuantHead
+
+    q = QuantEmbedding.from_embedding(_table(v=512, d=64), QuantSpec("nf", 4))
+    head = QuantHead(q, tied=True, chunk=64)
+    h = torch.randn(3, 64, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        head(h).logsumexp(-1).sum().backward()
+    assert not any(t.is_floating_point() and t.shape[-1] == 64 and t.numel() >= 64 * 64 for t in saved), \
+        [t.shape for t in saved]
+    assert h.grad is not None
+
+
+def _untied_llama():
+    from transformers import AutoModelForCausalLM
+
+    from tunelab.models import _tiny_llama_config
+
+    cfg = _tiny_llama_config()
+    cfg.tie_word_embeddings = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2", "untied-llama"])
+def test_quantize_embeddings_keeps_the_tie_and_round_trips(arch, tmp_path):
+    from tunelab.methods.core import find_targets, output_head_names
+    from tunelab.quant.embedding import QuantEmbedding, QuantHead
+    from tunelab.quant.model import install_quantized_layers
+
+    def fresh():
+        return (_untied_llama(), tiny("tiny-llama")[1]) if arch == "untied-llama" else tiny(arch)
+
+    model, tok = fresh()
+    batch = batch_for(tok)
+    emb_w = model.get_input_embeddings().weight.detach().clone()
+    head_w = model.get_output_embeddings().weight.detach().clone()
+    state = quantize_model(model, QuantizeSection(bits=4, embeddings=True))
+    emb, head = model.get_input_embeddings(), model.get_output_embeddings()
+    assert isinstance(emb, QuantEmbedding) and isinstance(head, QuantHead)
+    assert head.tied == (arch != "untied-llama")
+    if head.tied:
+        assert head.source is emb and not list(head.buffers())
+    else:
+        assert relative_error(head_w, head.weight) < 0.12 and head.source.nbytes() > 0
+    assert relative_error(emb_w, emb.weight) < 0.12
+    # LoRA's all-linear still leaves the head alone
+    assert output_head_names(model) == {"lm_head"}
+    assert "lm_head" not in find_targets(model, "all-linear")
+    handle = lora.apply(model, lora.Config(r=4, alpha=8))
+    assert "lm_head" not in handle.layers
+    handle.remove()
+    # the logits go through the chunked head: equal to the dense head over the dequantized table
+    with torch.no_grad():
+        logits = model(**batch).logits
+        hidden = model.base_model(**batch).last_hidden_state
+    torch.testing.assert_close(logits, F.linear(hidden, head.weight), rtol=1e-5, atol=1e-5)
+    # saved (one copy of a tied table) and installed into a fresh model: the same codes, the same logits
+    path = tmp_path / "q.safetensors"
+    state.save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+    assert any(k.endswith(".codes") and "emb" in k or k.startswith("transformer.wte.") for k in keys)
+    assert any(k.startswith("lm_head.") for k in keys) == (arch == "untied-llama")
+    other, _ = fresh()
+    installed = install_quantized_layers(other, path)
+    assert set(installed.tables) == set(state.tables)
+    assert other.get_output_embeddings().tied == head.tied
+    if head.tied:
+        assert other.get_output_embeddings().source is other.get_input_embeddings()
+    assert torch.equal(other.get_input_embeddings().codes, emb.codes)
+    with torch.no_grad():
+        torch.testing.assert_close(other(**batch).logits, logits, rtol=0, atol=0)
+    assert memory_report(other) == memory_report(model)
+
+
+def _independent_ratio(model, dense_numel: int, other_bytes_per_value: int) -> float:
+    """(codes + scales of every quantized module + the other parameters at ``other_bytes_per_value``) / (2 bytes
+    · every weight of the dense model), counted from the modules' tensors."""
+    from tunelab.quant.embedding import QuantTable
+
+    q = 0
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantTable)):
+            q += sum(b.numel() * b.element_size() for n, b in m.named_buffers(recurse=False)
+                     if n not in ("table", "scale_table"))
+    rest = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return (q + other_bytes_per_value * rest) / (2 * dense_numel)
+
+
+@pytest.mark.parametrize("dq", [False, True])
+def test_whole_model_ratio_at_4_bits_with_embeddings_is_below_0_3(dq):
+    dense, _ = tiny("tiny-llama")
+    dense_numel = sum(p.numel() for p in dense.parameters())  # tied: the table once
+    norms = sum(p.numel() for n, p in dense.named_parameters() if "norm" in n)
+    assert norms > 0
+    model, _ = tiny("tiny-llama")
+    quantize_model(model, QuantizeSection(bits=4, double_quant=dq, embeddings=True))
+    mem = memory_report(model)
+    assert mem["model_bf16_bytes"] == 2 * dense_numel
+    assert mem["model_ratio"] == pytest.approx(_independent_ratio(model, dense_numel, 2), rel=1e-12)
+    if dq:  # 259 blocks: two INT-8 scale blocks, their fp32 scales and the mean weigh in on this tiny table
+        assert 4.127 / 16 < mem["embedding_ratio"] < 4.5 / 16
+    else:
+        assert mem["embedding_ratio"] == pytest.approx(4.5 / 16, abs=1e-12)
+    assert sum(p.numel() for p in model.parameters()) == norms  # everything else is codes
+    assert _independent_ratio(model, dense_numel, 4) < 0.3  # even with the norms counted in fp32
+    assert mem["model_ratio"] < 0.3
+    # without the embedding the table stays bf16: the whole model is well above 0.3 on this tiny vocabulary
+    plain, _ = tiny("tiny-llama")
+    quantize_model(plain, QuantizeSection(bits=4, double_quant=dq))
+    mem_plain = memory_report(plain)
+    assert mem_plain["model_bf16_bytes"] == 2 * dense_numel and mem_plain["embedding_bytes"] == 0
+    assert mem_plain["model_ratio"] == pytest.approx(_independent_ratio(plain, dense_numel, 2), rel=1e-12)
+    assert mem_plain["model_ratio"] > mem["model_ratio"]
+
+
+def test_embeddings_option_in_config_and_hash():
+    from tunelab.train.loop import config_hash
+
+    plain = load_config(None, ["quantize.bits=4"])
+    assert "embeddings" not in plain.to_dict()["quantize"]  # configs without it keep their hash
+    on = load_config(None, ["quantize.bits=4", "quantize.embeddings=true", "quantize.embedding_bits=8"])
+    assert on.quantize.embeddings and on.to_dict()["quantize"]["embedding_bits"] == 8
+    assert config_hash(on) != config_hash(plain)
+    with pytest.raises(ConfigError, match="embedding_bits must be 0"):
+        QuantizeSection(embedding_bits=3)
+    model, _ = tiny("tiny-llama")
+    state = quantize_model(model, on.quantize)
+    assert {r.kind: r.bits for r in state.report} == {"linear": 4, "embedding": 8, "tied head": 8}
+
+
+def test_train_and_load_a_run_with_quantized_embeddings(tmp_path):
+    from tunelab.quant.embedding import QuantEmbedding, QuantHead
+    from tunelab.runs import load_run
+
+    result = _train(tmp_path, "emb", [*LORA, "quantize.bits=4", "quantize.embeddings=true"])
+    assert result.total_params == tiny("tiny-llama")[0].num_parameters()
+    model, tok, _, _ = load_run(result.run_dir)
+    assert isinstance(model.get_input_embeddings(), QuantEmbedding)
+    assert isinstance(model.get_output_embeddings(), QuantHead) and model.get_output_embeddings().tied
+    torch.testing.assert_close(_logits_of_run(result.run_dir), _logits_of_run(result.run_dir))
+    from tunelab.eval.loglik import continuation_logprobs
+
+    assert len(continuation_logprobs(model, tok, [("2 + 2 =", " 4")])) == 1
+
+
+def test_quantize_cli_embeddings_flag(tmp_path, capsys):
+    from tunelab.cli import main
+    from tunelab.models import load_model
+    from tunelab.quant.embedding import QuantEmbedding
+
+    out = tmp_path / "nf4-emb"
+    assert main(["quantize", "tiny-llama", "--bits", "4", "--init", "qlora", "--embeddings", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "model.embed_tokens (embedding)" in printed and "lm_head (tied head)" in printed
+    assert "embedding table(s)" in printed
+    model, _ = load_model(str(out), "fp32")
+    assert isinstance(model.get_input_embeddings(), QuantEmbedding)
+    result = _train(tmp_path, "on-emb-dir", [*LORA, f"model.name={out}"])
+    assert result.total_params == tiny("tiny-llama")[0].num_parameters()
+    _logits_of_run(result.run_dir)

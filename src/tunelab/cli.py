@@ -99,6 +99,10 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--double-quant", action="store_true", help="quantize the scales too (INT-8, blocks of 256)")
     q.add_argument("--mixed", type=int, default=0, help="first K decoder layers at --mixed-bits")
     q.add_argument("--mixed-bits", type=int, choices=(2, 4, 8), default=4)
+    q.add_argument("--embeddings", action="store_true",
+                   help="also quantize the token embedding and the output head (a tied head shares its codes)")
+    q.add_argument("--embedding-bits", type=int, choices=(2, 4, 8), default=0,
+                   help="bits of the embedding table with --embeddings (default: --bits)")
     q.add_argument("--out", help="output directory (default runs/quant-MODEL-QUANTBITS-INIT)")
 
 
@@ -110,7 +114,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
     section = build(QuantizeSection, {"bits": args.bits, "quant": args.quant, "block": args.block,
                                       "double_quant": args.double_quant, "init": args.init, "iters": args.iters,
-                                      "mixed": args.mixed, "mixed_bits": args.mixed_bits}, "quantize")
+                                      "mixed": args.mixed, "mixed_bits": args.mixed_bits,
+                                      "embeddings": args.embeddings, "embedding_bits": args.embedding_bits},
+                    "quantize")
     lora = LoraConfig(r=args.rank, alpha=args.alpha, rslora=args.rslora, targets=args.targets)
     out = args.out or f"runs/quant-{Path(args.model).name}-{args.quant}{args.bits}-{args.init}"
     state, memory = quantize_to_dir(args.model, section, lora, out)

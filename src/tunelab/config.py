@@ -114,6 +114,10 @@ class TrainSection:
 class QuantizeSection:
     """Quantize the base model's linear layers before the method is applied (QLoRA, LoftQ; see tunelab.quant).
 
+    ``embeddings: true`` also quantizes the token embedding table (at ``embedding_bits``, default ``bits``) and
+    the output head: a tied head uses the embedding's codes, an untied one gets its own (off by default: QLoRA and
+    LoftQ keep both in 16 bits, and no adapter corrects the head's error).
+
     ``mixed: k`` keeps the first k decoder layers at ``mixed_bits`` (LoftQ's mixed precision: 4 bits in the first
     layers, ``bits`` in the rest). ``init: loftq`` needs ``method: lora`` and sets its A/B (``iters`` alternations).
     """
@@ -127,11 +131,15 @@ class QuantizeSection:
     mixed: int = 0  # the first `mixed` decoder layers use mixed_bits
     mixed_bits: int = 4
     targets: str | list[str] = "all-linear"  # which linear layers are quantized (the output head never is)
+    embeddings: bool = False  # also quantize the token embedding (+ the output head: tied, the same codes)
+    embedding_bits: int = 0  # bits of the embedding / head table (0: the same as `bits`)
 
     def __post_init__(self) -> None:
         for name in ("bits", "mixed_bits"):
             if getattr(self, name) not in (2, 4, 8):
                 raise ConfigError(f"quantize.{name} must be 2, 4 or 8, got {getattr(self, name)}")
+        if self.embedding_bits not in (0, 2, 4, 8):
+            raise ConfigError(f"quantize.embedding_bits must be 0 (= bits), 2, 4 or 8, got {self.embedding_bits}")
         if self.block < 1 or self.block % 4:
             raise ConfigError(f"quantize.block must be a positive multiple of 4, got {self.block} (default 64)")
         if self.iters < 1:
@@ -167,6 +175,10 @@ class RunConfig:
         data = dataclasses.asdict(self)
         if data["quantize"] is None:  # unquantized runs keep the config (and config hash) they always had
             del data["quantize"]
+        else:  # so do quantized runs that leave the embedding in bf16 (the options added with it are dropped)
+            for key, default in (("embeddings", False), ("embedding_bits", 0)):
+                if data["quantize"].get(key) == default:
+                    del data["quantize"][key]
         return data
 
 

@@ -54,6 +54,17 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {n for n, m in model.named_modules() if head is not None and m is head}
 
 
+def embedding_dtype(emb: nn.Module) -> torch.dtype:
+    """The dtype an input-embedding module returns outside autocast: its table's, or a quantized embedding's
+    ``dtype`` (``tunelab.quant.QuantEmbedding`` holds codes; its ``weight`` is a full dequantization)."""
+    return emb.dtype if getattr(emb, "is_quantized_embedding", False) else emb.weight.dtype
+
+
+def embedding_device(emb: nn.Module) -> torch.device:
+    """The device of an input-embedding module (dense or quantized)."""
+    return emb.codes.device if getattr(emb, "is_quantized_embedding", False) else emb.weight.device
+
+
 def summarize_names(names: Iterable[str], limit: int = 12) -> str:
     """Collapse layer indices: model.layers.0.mlp.up_proj, model.layers.1... -> model.layers.*.mlp.up_proj."""
     patterns: dict[str, None] = {}

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from tunelab.config import ConfigError
-from tunelab.methods.core import MethodError, MethodHandle, freeze
+from tunelab.methods.core import MethodError, MethodHandle, embedding_device, embedding_dtype, freeze
 
 DESCRIPTION = "Prefix tuning: learned keys/values of P virtual tokens in every attention layer (optional MLP reparam)"
 PAPER = ("Li & Liang, 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, "
@@ -128,7 +128,7 @@ def initial_token_ids(model: nn.Module, num_tokens: int, init: str, init_text: s
         ids = _text_ids(model, init_text, tokenizer)
         reps = -(-num_tokens // len(ids))
         return torch.tensor((ids * reps)[:num_tokens], dtype=torch.long)
-    vocab = model.get_input_embeddings().weight.shape[0]
+    vocab = model.get_input_embeddings().num_embeddings
     special = {getattr(model.config, k, None) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
     pool = torch.tensor([i for i in range(min(vocab_top, vocab)) if i not in special], dtype=torch.long)
     if num_tokens <= len(pool):
@@ -158,7 +158,7 @@ def _tokenizer_of(model: nn.Module) -> Any:
 
 def input_embeddings(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     emb = model.get_input_embeddings()
-    return emb(ids.to(emb.weight.device))
+    return emb(ids.to(embedding_device(emb)))
 
 
 def run_kv(body: nn.Module, embeds: torch.Tensor) -> KV:
@@ -313,7 +313,7 @@ def compute_dtype(body: nn.Module, device: torch.device) -> torch.dtype:
     """The dtype the layers compute in: autocast's when it is on, else the frozen weights'."""
     if torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
-    return body.get_input_embeddings().weight.dtype
+    return embedding_dtype(body.get_input_embeddings())
 
 
 def attach(model: nn.Module, source: nn.Module, name: str, config: Any, *, merge_note: str,
@@ -396,7 +396,7 @@ def apply(model: nn.Module, config: Config, tokenizer: Any = None) -> MethodHand
     """
     check_fits("prefix", model, config.num_tokens)
     geo = geometry(model)
-    device = model.get_input_embeddings().weight.device
+    device = embedding_device(model.get_input_embeddings())
     source = PrefixKV(geo, config.num_tokens, config.reparam_hidden if config.reparam else None, device)
     if config.init != "random":
         ids = initial_token_ids(model, config.num_tokens, config.init, config.init_text, config.vocab_top, tokenizer)

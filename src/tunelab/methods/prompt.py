@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tunelab.methods.core import MethodHandle
+from tunelab.methods.core import MethodHandle, embedding_dtype
 from tunelab.methods.prefix import (
     KV,
     attach,
@@ -66,7 +66,7 @@ class SoftPrompt(nn.Module):
 
     def past_key_values(self, body: nn.Module, dtype: torch.dtype) -> KV:
         # the soft tokens enter like real embeddings: in the embedding table's dtype
-        return run_kv(body, self.embedding.to(body.get_input_embeddings().weight.dtype))
+        return run_kv(body, self.embedding.to(embedding_dtype(body.get_input_embeddings())))
 
     def unwrap(self) -> None:
         return None  # added to the model, not wrapping a module: remove() deletes it
@@ -97,4 +97,4 @@ def apply(model: nn.Module, config: Config, tokenizer: Any = None) -> MethodHand
 
 def num_parameters(model: nn.Module, config: Config) -> int:
     """Closed form: P·d (d = the input-embedding width)."""
-    return config.num_tokens * model.get_input_embeddings().weight.shape[1]
+    return config.num_tokens * model.get_input_embeddings().embedding_dim

@@ -44,7 +44,7 @@ from torch import nn
 
 from tunelab.config import ConfigError
 from tunelab.methods.bottleneck import ACTIVATIONS, map_first
-from tunelab.methods.core import MethodError, MethodHandle, current_prompt_lengths, freeze
+from tunelab.methods.core import MethodError, MethodHandle, current_prompt_lengths, embedding_device, freeze
 
 MODULE_NAME = "reft"
 NO_MERGE = ("ReFT edits hidden states at a few prompt positions chosen per example, not a weight applied to every "
@@ -324,7 +324,7 @@ def apply_reft(model: nn.Module, config: ReftConfig) -> MethodHandle:
     if config.r > d:
         raise MethodError(f"{config.method}: r={config.r} is larger than the hidden width {d}; use r <= {d}")
     freeze(model)
-    device = model.get_input_embeddings().weight.device
+    device = embedding_device(model.get_input_embeddings())
     container = ReftInterventions(config.method)
     for i in indices:
         for span in span_names(config):

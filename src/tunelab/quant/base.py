@@ -7,8 +7,9 @@ A quantized base directory (``tunelab quantize MODEL --out DIR``) holds::
     DIR/quantized_base.safetensors    codes (uint8) and scales of every quantized layer — never pickle
     DIR/adapter_init.safetensors      LoftQ only: the initial LoRA A/B, keyed like the LoRA adapter
 
-Only the quantized layers are stored; the rest (embeddings, norms, biases) is read from the base model, whose
-fingerprint is checked. ``model.name: DIR`` trains on it; a run trained with a ``quantize:`` section stores the
+Only the quantized layers are stored (with ``quantize.embeddings``: also the embedding table, and an untied
+head's table; a tied head is recorded as tied, no second copy); the rest (norms, biases, an unquantized
+embedding) is read from the base model, whose fingerprint is checked. ``model.name: DIR`` trains on it; a run trained with a ``quantize:`` section stores the
 same ``quantized_base.safetensors`` in its run directory so that evaluation uses exactly the trained-on codes.
 """
 
@@ -64,16 +65,20 @@ def load_quantized_base(path: str | Path, dtype: str = "auto") -> tuple[Any, Any
 
 
 def quantized_numel(model: nn.Module) -> int:
-    """Weights held as codes by QuantLinear layers (not parameters, so count_parameters misses them)."""
+    """Weights held as codes by QuantLinear layers and quantized embedding / untied head tables (not parameters,
+    so count_parameters misses them; a tied head's table is the embedding's and counts once, like a tied weight)."""
+    from tunelab.quant.embedding import QuantTable
     from tunelab.quant.linear import QuantLinear
 
-    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
+    return sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear)) + \
+        sum(m.num_embeddings * m.embedding_dim for m in model.modules() if isinstance(m, QuantTable))
 
 
 def describe_quantized_base(path: str | Path) -> str:
     meta = read_base_meta(path)
     q = meta["quantize"]
-    return f"{path} ({q['quant']}{q['bits']} {q['init']} quantization of {meta['base_model_id']})"
+    emb = ", embeddings too" if q.get("embeddings") else ""
+    return f"{path} ({q['quant']}{q['bits']} {q['init']} quantization{emb} of {meta['base_model_id']})"
 
 
 def write_quantized_base(out: str | Path, state: QuantState, model: nn.Module, base_spec: str,

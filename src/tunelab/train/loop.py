@@ -105,6 +105,9 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     for p in model.parameters():
         if not p.requires_grad and p.is_floating_point() and p.dtype != dtype:
             p.data = p.data.to(dtype)
+    for m in model.modules():  # a quantized embedding (codes) returns what a dense table in ``dtype`` would
+        if getattr(m, "is_quantized_embedding", False):
+            m.out_dtype = dtype
 
 
 def compile_blocks(model: nn.Module) -> int:
