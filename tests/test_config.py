@@ -10,7 +10,8 @@ from tunelab.config import ConfigError, apply_overrides, dump_config, load_confi
 
 from conftest import REPO
 
-CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith(("compare-", "sweep-lr-")))
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml")
+                 if not p.name.startswith(("compare-", "sweep-lr-", "scaling-")))  # scaling specs: test_scaling_*
 COMPARE_CONFIGS = sorted((REPO / "configs").glob("compare-*.yaml"))
 SWEEP_CONFIGS = sorted((REPO / "configs").glob("sweep-lr-*.yaml"))
 

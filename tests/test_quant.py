@@ -343,7 +343,7 @@ def test_merge_onto_a_quantized_base_says_it_dequantizes():
     model, tok = tiny("tiny-llama")
     quantize_model(model, QuantizeSection(bits=2))
     handle = lora.apply(model, lora.Config(r=4, alpha=8))
-    with pytest.warns(UserWarning, match="merge_and_unload\\(\\) returns a dequantized model"):
+    with pytest.warns(UserWarning, match="merge_and_unload\\(\\) returns a model whose adapted layers are dequantized"):
         plain = handle.merge_and_unload()
     assert not any(isinstance(m, QuantLinear) for m in plain.modules())
     assert isinstance(plain.get_submodule("model.layers.0.mlp.up_proj"), torch.nn.Linear)

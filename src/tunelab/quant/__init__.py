@@ -28,4 +28,5 @@ def merge_message(layer: Any) -> str:
     s = layer.spec
     return (f"merging LoRA onto a {s.quant}{s.bits}-quantized base: merged layers are dense fp32 copies of the "
             f"dequantized weight plus s·B·A (rounding the update into {s.bits}-bit codes would erase it); "
-            f"merge_and_unload() returns a dequantized model, unmerge() restores the original codes")
+            f"merge_and_unload() returns a model whose adapted layers are dequantized (a quantized embedding / head, "
+            f"which has no adapter, stays quantized), unmerge() restores the original codes")
