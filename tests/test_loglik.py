@@ -192,6 +192,28 @@ def test_identical_pairs_are_scored_once(llama, monkeypatch):
     assert results[0] == results[1] == results[2]
 
 
+def test_options_differing_in_their_last_token_share_one_forward(llama, monkeypatch):
+    """Label words (" answer1" ... " answer4" after one context) have identical model inputs: one row of one
+    forward pass scores them all, with the same numbers as scoring each option alone."""
+    model, tok = llama
+    pairs = [("Q: pick one.\nA: the answer is", f" answer{k}") for k in range(1, 5)]
+    pairs += [("Another context", " x"), ("Another context", " yz")]
+    alone = [loglik.continuation_logprobs(model, tok, [p])[0] for p in pairs]
+    widths: list[int] = []
+    real = loglik._decoder_hidden
+
+    def spy(model, ids, mask):
+        widths.append(ids.shape[0])
+        return real(model, ids, mask)
+
+    monkeypatch.setattr(loglik, "_decoder_hidden", spy)
+    together = loglik.continuation_logprobs(model, tok, pairs, batch_size=16)
+    distinct_inputs = len({tuple(loglik._window(*loglik.encode_pair(tok, c, o), 10_000)[0]) for c, o in pairs})
+    assert widths == [distinct_inputs] and distinct_inputs < len(pairs)
+    for (a, n), (b, m) in zip(alone, together, strict=True):
+        assert n == m and a == pytest.approx(b, abs=1e-4)
+
+
 def test_winogrande_item_scores_per_option_contexts(llama):
     model, tok = llama
     item = mc_item_from_record(WINO, "option2", "winogrande")

@@ -116,23 +116,30 @@ def _decoder_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[
     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, False
 
 
-def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[int]]], pad_id: int) -> list[float]:
-    """Σ log p(continuation) per row of a right-padded batch; rows are (input ids, continuation ids).
+def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
+    """Σ log p(continuation) for every continuation of every row of a right-padded batch.
 
-    Only the m continuation positions of each row go through the vocabulary projection and log-softmax.
+    A row is (input ids, continuations of one length m): each continuation is scored on the last m positions of the
+    one input (its ids but the last are the input's tail), so options that differ only in their last token
+    (" answer1", " answer2", ...) cost one forward pass together. Only the scored positions go through the
+    vocabulary projection and log-softmax.
     """
     width = max(len(inp) for inp, _ in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
-    row_idx, pos_idx, targets = [], [], []
-    for r, (inp, cont) in enumerate(rows):
+    row_idx, pos_idx, targets, owner = [], [], [], []  # owner: which continuation a scored position belongs to
+    n_conts = 0
+    for r, (inp, conts) in enumerate(rows):
         ids[r, : len(inp)] = torch.tensor(inp)
         mask[r, : len(inp)] = 1
-        row_idx += [r] * len(cont)
-        pos_idx += range(len(inp) - len(cont), len(inp))  # position t predicts token t + 1
-        targets += cont
+        for cont in conts:
+            row_idx += [r] * len(cont)
+            pos_idx += range(len(inp) - len(cont), len(inp))  # position t predicts token t + 1
+            targets += cont
+            owner += [n_conts] * len(cont)
+            n_conts += 1
     device = next(model.parameters()).device
-    context = torch.tensor([len(inp) - len(cont) + 1 for inp, cont in rows], device=device)  # the prompt span
+    context = torch.tensor([len(inp) - len(conts[0]) + 1 for inp, conts in rows], device=device)  # prompt span
     with prompt_lengths(context):
         out, is_hidden = _decoder_hidden(model, ids.to(device), mask.to(device))
     picked = out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
@@ -141,9 +148,13 @@ def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[int]]], pad_id:
     if cap:
         logits = torch.tanh(logits / cap) * cap
     token_lp = logits.float().log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
-    sums = torch.zeros(len(rows), dtype=torch.float64, device=device)
-    sums.index_add_(0, torch.tensor(row_idx, device=device), token_lp.double())
-    return sums.tolist()
+    sums = torch.zeros(n_conts, dtype=torch.float64, device=device)
+    sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
+    flat, out_rows = sums.tolist(), []
+    for _, conts in rows:
+        out_rows.append(flat[: len(conts)])
+        flat = flat[len(conts):]
+    return out_rows
 
 
 @torch.no_grad()
@@ -152,22 +163,29 @@ def continuation_logprobs(
 ) -> list[tuple[float, int]]:
     """For each (context, continuation): (Σ_j log p(y_j | context, y_<j), number of continuation tokens).
 
-    Pairs are tokenised with :func:`encode_pair`, sorted longest first (equal lengths share batches, and an
-    out-of-memory error shows on the first batch), right-padded and scored in eval mode; results come back
-    in input order. Inputs longer than the model's positions are cut from the left.
+    Pairs are tokenised with :func:`encode_pair`. Pairs whose model inputs are identical (same context, and
+    continuations of one length that differ only in their last token) share one forward pass. Inputs are sorted
+    longest first (equal lengths share batches, and an out-of-memory error shows on the first batch),
+    right-padded and scored in eval mode; results come back in input order. Inputs longer than the model's
+    positions are cut from the left.
     """
     max_length = _max_length(model)
     rows = [_window(*encode_pair(tokenizer, ctx, cont), max_length) for ctx, cont in pairs]
+    groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    for i, (inp, cont) in enumerate(rows):
+        groups.setdefault((tuple(inp), len(cont)), []).append(i)
+    keys = sorted(groups, key=lambda k: -len(k[0]))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
     was_training = model.training
     model.eval()
     try:
-        for start in progress(range(0, len(order), batch_size), "loglik"):
-            idx = order[start : start + batch_size]
-            for i, lp in zip(idx, _batch_logprobs(model, [rows[i] for i in idx], pad_id), strict=True):
-                scores[i] = (lp, len(rows[i][1]))
+        for start in progress(range(0, len(keys), batch_size), "loglik"):
+            batch = keys[start : start + batch_size]
+            inputs = [(list(key[0]), [rows[i][1] for i in groups[key]]) for key in batch]
+            for key, lps in zip(batch, _batch_logprobs(model, inputs, pad_id), strict=True):
+                for i, lp in zip(groups[key], lps, strict=True):
+                    scores[i] = (lp, len(rows[i][1]))
     finally:
         model.train(was_training)
     return scores
