@@ -212,3 +212,39 @@ def model_flops(shapes: dict[str, Any], *, full: bool, loss_positions: int, toke
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_child_process(script: str | Path, args: Sequence[str], *, timeout: float | None = None,
+               python: str | None = None, env: dict[str, str] | None = None, echo: bool = True,
+               cwd: Path | None = None) -> dict[str, Any]:
+    """Run ``python script *args`` (a benchmark's ``--worker`` child) in a fresh interpreter.
+
+    The child's output is passed through to stderr (``echo``) except its result line (``RESULT_PREFIX`` + JSON),
+    which is parsed. Returns ``{"status": "ok", **result, "process_wall_s"}`` or ``{"status": "failed",
+    "returncode", "error_tail"}`` (the last 8 lines) when the child fails, times out or prints no result.
+    """
+    import collections
+
+    cmd = [python or sys.executable, str(Path(script).resolve()), *args]
+    tail: collections.deque[str] = collections.deque(maxlen=20)
+    result, t0 = None, time.perf_counter()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          cwd=cwd or Path(script).resolve().parent.parent,
+                          env={**os.environ, **(env or {})}) as proc:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX):])
+                continue
+            tail.append(line.rstrip())
+            if echo:
+                print(f"    {line}", end="", file=sys.stderr, flush=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            rc = proc.wait()
+    wall = time.perf_counter() - t0
+    if rc != 0 or result is None:
+        return {"status": "failed", "returncode": rc, "error_tail": list(tail)[-8:], "process_wall_s": wall}
+    return {"status": "ok", **result, "process_wall_s": wall}

@@ -17,10 +17,8 @@ Targets (issue 6): mask peak RSS <= LoRA's and <= 0.5x the naive version's; mask
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,17 @@ from pathlib import Path
 from typing import Any
 
 import train_throughput as tt
-from common import RESULT_PREFIX, environment, load_average, median, ratio, read_jsonl, rounded, wait_for_idle
+from common import (
+    RESULT_PREFIX,
+    environment,
+    load_average,
+    median,
+    ratio,
+    read_jsonl,
+    rounded,
+    run_child_process,
+    wait_for_idle,
+)
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tunelab-mask-0.01%": {"method": {"name": "random-mask", "fraction": 1e-4}, "lr": 1e-2},
@@ -80,25 +88,7 @@ def worker_mask(name: str, workdir: Path, steps: int) -> dict[str, Any]:
 
 def run_mask_child(name: str, workdir: Path, steps: int, timeout: float) -> dict[str, Any]:
     """``--worker NAME`` of this script in a fresh interpreter; its output passed through, its result parsed."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
-           "--steps", str(steps)]
-    t0, tail, result = time.perf_counter(), collections.deque(maxlen=20), None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tt.REPO) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                result = json.loads(line[len(RESULT_PREFIX):])
-            else:
-                tail.append(line.rstrip())
-                print(f"    {line}", end="", file=sys.stderr, flush=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    if rc != 0 or result is None:
-        return {"status": "failed", "returncode": rc, "error_tail": list(tail)[-8:]}
-    return {"status": "ok", **result, "process_wall_s": time.perf_counter() - t0}
+    return run_child_process(__file__, ["--worker", name, "--workdir", str(workdir), "--steps", str(steps)], timeout=timeout)
 
 
 def run_one(args: argparse.Namespace, name: str, workdir: Path) -> dict[str, Any]:

@@ -20,17 +20,24 @@ Targets (issue 7): weights ≤ 0.3× bf16 at 4 bits (quantized layers, and the w
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULT_PREFIX, environment, load_average, ratio, read_jsonl, rounded, wait_for_idle
+from common import (
+    RESULT_PREFIX,
+    environment,
+    load_average,
+    ratio,
+    read_jsonl,
+    rounded,
+    run_child_process,
+    wait_for_idle,
+)
 from train_throughput import (
     BATCH,
     LORA,
@@ -136,23 +143,10 @@ def run_worker(name: str, workdir: Path, steps: int, rank: int) -> dict[str, Any
 
 
 def run_child(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
-           "--steps", str(args.steps), "--rank", str(args.rank)]
     if args.wait_idle > 0:
         wait_for_idle(args.wait_idle)
-    t0, result, tail = time.perf_counter(), None, collections.deque(maxlen=12)
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                result = json.loads(line[len(RESULT_PREFIX):])
-            else:
-                tail.append(line.rstrip())
-        rc = proc.wait()
-    info = {"process_wall_s": time.perf_counter() - t0}
-    if rc != 0 or result is None:
-        return {"status": "failed", "returncode": rc, "error_tail": list(tail), **info}
-    return {"status": "ok", **result, **info}
+    return run_child_process(__file__, ["--worker", name, "--workdir", str(workdir), "--steps", str(args.steps),
+                                 "--rank", str(args.rank)], echo=False)
 
 
 def summarise(results: dict[str, Any], warmup: int) -> dict[str, Any]:

@@ -13,11 +13,9 @@ intervened outputs. Progress goes to stderr; the JSON result to stdout (and ``--
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +30,7 @@ from common import (
     ratio,
     read_jsonl,
     rounded,
+    run_child_process,
     wait_for_idle,
 )
 from train_throughput import (
@@ -160,26 +159,7 @@ def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
 
 def run_child(name: str, workdir: Path, steps: int, timeout: float) -> dict[str, Any]:
     """``--worker name`` in a fresh interpreter; stderr passed through, the result line parsed."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
-           "--steps", str(steps)]
-    tail: collections.deque[str] = collections.deque(maxlen=20)
-    result, t0 = None, time.perf_counter()
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                result = json.loads(line[len(RESULT_PREFIX):])
-            else:
-                tail.append(line.rstrip())
-                print(f"    {line}", end="", file=sys.stderr, flush=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    if rc != 0 or result is None:
-        return {"status": "failed", "returncode": rc, "error_tail": list(tail)[-8:]}
-    return {"status": "ok", **result, "process_wall_s": time.perf_counter() - t0}
+    return run_child_process(__file__, ["--worker", name, "--workdir", str(workdir), "--steps", str(steps)], timeout=timeout)
 
 
 def summarise(name: str, raw: dict[str, Any], warmup: int) -> dict[str, Any]:

@@ -11,12 +11,10 @@ the response. Progress goes to stderr; the JSON result goes to stdout (and to ``
 from __future__ import annotations
 
 import argparse
-import collections
 import contextlib
 import itertools
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +35,7 @@ from common import (
     read_jsonl,
     rounded,
     ru_maxrss_mib,
+    run_child_process,
     spread,
     wait_for_idle,
 )
@@ -451,33 +450,12 @@ def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
 
 def run_child(name: str, workdir: Path, steps: int, timeout: float, env: dict[str, str] | None = None
               ) -> dict[str, Any]:
-    """Run ``--worker name`` in a fresh interpreter; its stderr is passed through, its result line parsed."""
+    """Run ``--worker name`` in a fresh interpreter (AdapterHub rows under ``TUNELAB_ADAPTERS_PYTHON``)."""
     python = ADAPTERS_PYTHON if name in CONFIGS and CONFIGS[name].kind == "adapters" else sys.executable
-    cmd = [python, str(Path(__file__).resolve()), "--worker", name, "--workdir", str(workdir),
-           "--steps", str(steps)]
     load_before = load_average()
-    t0 = time.perf_counter()
-    tail: collections.deque[str] = collections.deque(maxlen=20)
-    result = None
-    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}) as proc:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith(RESULT_PREFIX):
-                result = json.loads(line[len(RESULT_PREFIX):])
-            else:
-                tail.append(line.rstrip())
-                print(f"    {line}", end="", file=sys.stderr, flush=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            rc = proc.wait()
-    info = {"process_wall_s": time.perf_counter() - t0, "load_average_before": load_before,
-            "load_average_after": load_average()}
-    if rc != 0 or result is None:
-        return {"status": "failed", "returncode": rc, "error_tail": list(tail)[-8:], **info}
-    return {"status": "ok", **result, **info}
+    res = run_child_process(__file__, ["--worker", name, "--workdir", str(workdir), "--steps", str(steps)],
+                     timeout=timeout, python=python, env=env)
+    return {**res, "load_average_before": load_before, "load_average_after": load_average()}
 
 
 def measure(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
