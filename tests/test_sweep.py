@@ -64,6 +64,8 @@ def test_selection_by_task_accuracy_and_ties_take_the_lower_rate():
     ([{"label": "a", "method": {"name": "lora"}, "lrs": [1e-3]}], {"eval_fraction": 0.0}, "needs a dev split"),
     ([{"label": "a", "method": {"name": "lora"}, "lrs": [1e-3]}], {"select": "gsm8k"}, "neither"),
     ([{"label": "a", "method": {"name": "random-mask", "fraction": 2.0}, "lrs": [1e-3]}], {}, "fraction"),
+    ([{"label": "a", "method": {"name": "lora"}, "lrs": [1e-3]},
+      {"label": "a", "method": {"name": "full"}, "lrs": [1e-4]}], {}, "labels must be unique"),
 ])
 def test_bad_sweep_configs_say_what_would_work(tmp_path, methods, kw, match):
     with pytest.raises(ConfigError, match=match):

@@ -67,12 +67,17 @@ class CompareConfig:
     output_dir: str = "runs/compare"
 
 
+def check_unique_labels(path: str | Path, rows: list[Any]) -> None:
+    """Rows are stored under OUTPUT/<label>/: two rows with one label would overwrite each other."""
+    labels = [r.label for r in rows]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"{path}: method labels must be unique, got {labels}")
+
+
 def load_compare(path: str | Path) -> CompareConfig:
     data, lines = read_yaml(path)
     cfg = build(CompareConfig, data, "", lines)
-    labels = [r.label for r in cfg.methods]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"{path}: method labels must be unique, got {labels}")
+    check_unique_labels(path, cfg.methods)
     for row in cfg.methods:
         changed = [k for k in BUDGET_KEYS if k in row.train]
         if changed:

@@ -33,6 +33,7 @@ from tunelab.compare import (
     CompareConfig,
     CompareEval,
     CompareRow,
+    check_unique_labels,
     markdown_table,
     row_config,
     run_rows,
@@ -102,9 +103,7 @@ def load_sweep(path: str | Path) -> SweepConfig:
     """Read and validate a sweep config (every point's run config is validated before anything trains)."""
     data, lines = read_yaml(path)
     cfg = build(SweepConfig, data, "", lines)
-    labels = [r.label for r in cfg.methods]
-    if len(set(labels)) != len(labels):
-        raise ConfigError(f"{path}: method labels must be unique, got {labels}")
+    check_unique_labels(path, cfg.methods)
     for row in cfg.methods:
         _check_row(path, row)
     _check_select(path, cfg)
