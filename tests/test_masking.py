@@ -120,6 +120,31 @@ def test_entry_gradient_is_the_same_in_any_chunking():
         torch.testing.assert_close(entry_gradient(g, x, rows, cols, chunk), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_entry_gradient_equals_the_dense_product(dtype, monkeypatch):
+    """The compiled kernel (forced on a small case) gives the dense product's entries, in fp32, for bf16 inputs
+    too; and the layer's flag reaches it (a MaskedLinear with fused_gradient off never calls it)."""
+    import tunelab.methods.masking as masking
+
+    if masking._fused_kernel() is None:
+        pytest.skip("torch.compile is not available here (the eager path is tested above)")
+    monkeypatch.setattr(masking, "FUSED_MIN_WORK", 1)
+    g, x = torch.randn(64, 48).to(dtype), torch.randn(64, 40).to(dtype)
+    idx = sample_indices(48 * 40, 300, torch.Generator().manual_seed(3))
+    rows, cols = idx // 40, idx % 40
+    full = (g.float().t() @ x.float()).view(-1)[idx]
+    fused = entry_gradient(g, x, rows, cols, fused=True)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-4)
+    calls = []
+    monkeypatch.setattr(masking, "_fused_kernel", lambda: calls.append(1) or masking._gather_dot)
+    for flag, expected in ((False, 0), (True, 1)):
+        layer = MaskedLinear(nn.Linear(40, 48).requires_grad_(False), idx, fused_gradient=flag)
+        layer(torch.randn(2, 5, 40)).sum().backward()
+        assert len(calls) == expected
+        calls.clear()
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Sampling and budget
 # --------------------------------------------------------------------------------------------------------------

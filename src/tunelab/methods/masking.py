@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -50,6 +51,7 @@ PAPER = ("Xu & Zhang, 2024, Random Masking Finds Winning Tickets for Parameter E
          "https://arxiv.org/abs/2405.02596")
 
 CHUNK_ELEMENTS = 1 << 22  # largest tokens × entries temporary of the value gradient (16 MiB in fp32)
+FUSED_MIN_WORK = 1 << 20  # tokens × entries from which the value gradient uses the compiled (fused) kernel
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ class Config:
     spread: Literal["proportional", "equal"] = "proportional"  # budget: model only
     targets: str | list[str] = ALL_LINEAR
     seed: int = 0
+    fused_gradient: bool = True  # value gradient by a torch.compile'd gather-multiply-sum (eager chunks if off)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.fraction <= 1.0:
@@ -137,12 +140,19 @@ def patched(weight: torch.Tensor, flat: torch.Tensor, values: torch.Tensor) -> I
 
 
 def entry_gradient(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-                   chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                   chunk_elements: int = CHUNK_ELEMENTS, fused: bool = False) -> torch.Tensor:
     """∂L/∂v_j = Σ_t g[t, r_j] · x[t, c_j] in fp32, for g [T, d_out] and x [T, d_in] (no d_out×d_in product).
 
-    Rows of the transposed g and x are gathered in chunks of entries so a temporary never exceeds
-    ``chunk_elements`` (T × entries) elements.
+    ``fused``: one compiled kernel (``torch.compile``) gathers, multiplies and sums without any T × k temporary;
+    2-3× faster than the eager path at 0.1% density on this CPU (bench/masking_throughput.py). It is used when
+    the work (T × k) is at least ``FUSED_MIN_WORK`` and torch.compile works here; otherwise (and as the reference)
+    rows of the transposed g and x are gathered in chunks so that a temporary never exceeds ``chunk_elements``
+    (T × entries) elements.
     """
+    if fused and grad_out.shape[0] * rows.numel() >= FUSED_MIN_WORK:
+        kernel = _fused_kernel()
+        if kernel is not None:
+            return kernel(grad_out, x, rows, cols)
     g_t, x_t = grad_out.t().contiguous(), x.t().contiguous()
     step = max(1, chunk_elements // max(1, g_t.shape[1]))
     parts = []
@@ -151,6 +161,34 @@ def entry_gradient(grad_out: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, 
         b = x_t.index_select(0, cols[s: s + step]).float()
         parts.append((a * b).sum(1))
     return torch.cat(parts) if parts else grad_out.new_zeros(0, dtype=torch.float32)
+
+
+def _gather_dot(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return (g[:, rows].float() * x[:, cols].float()).sum(0)
+
+
+_FUSED: dict[str, Any] = {}
+
+
+def _fused_kernel() -> Any:
+    """The compiled ``_gather_dot`` (dynamic shapes: one compilation serves every matrix), or None when
+    torch.compile cannot build it here (no C++ compiler, unsupported platform): then the eager path is used and a
+    warning says why, once."""
+    if "kernel" not in _FUSED:
+        try:
+            kernel = torch.compile(_gather_dot, dynamic=True)
+            probe = torch.arange(6, dtype=torch.float32).view(2, 3)
+            idx = torch.tensor([0, 2])
+            if not torch.allclose(kernel(probe, probe, idx, idx), _gather_dot(probe, probe, idx, idx)):
+                raise RuntimeError("the compiled kernel disagrees with the eager one on a probe")
+            _FUSED["kernel"] = kernel
+        except Exception as err:  # noqa: BLE001 - any compile failure means: use the eager path
+            warnings.warn(f"random-mask: torch.compile of the value gradient failed ({type(err).__name__}: "
+                          f"{str(err).splitlines()[0][:200] if str(err) else ''}); using the eager kernel "
+                          f"(slower at high density; set method.fused_gradient: false to silence this)",
+                          RuntimeWarning, stacklevel=3)
+            _FUSED["kernel"] = None
+    return _FUSED["kernel"]
 
 
 class _MaskedLinearFn(torch.autograd.Function):
@@ -176,7 +214,8 @@ class _MaskedLinearFn(torch.autograd.Function):
                 grad_x = (g @ w.to(g.dtype)).reshape(x.shape).to(x.dtype)
         if ctx.needs_input_grad[1]:
             rows, cols = layer.rows_cols()
-            grad_v = entry_gradient(g, x.reshape(-1, x.shape[-1]), rows, cols).to(values.dtype)
+            grad_v = entry_gradient(g, x.reshape(-1, x.shape[-1]), rows, cols,
+                                    fused=layer.fused_gradient).to(values.dtype)
         return grad_x, grad_v, None
 
 
@@ -192,9 +231,10 @@ class MaskedLinear(nn.Module):
     wrapped layer (GPT-2's Conv1D stores [d_in, d_out]); they are a persistent buffer, saved with the values.
     """
 
-    def __init__(self, base_layer: nn.Module, indices: torch.Tensor) -> None:
+    def __init__(self, base_layer: nn.Module, indices: torch.Tensor, fused_gradient: bool = True) -> None:
         super().__init__()
         self.base_layer = base_layer
+        self.fused_gradient = fused_gradient
         self.d_in, self.d_out = linear_shape(base_layer)
         self.fan_in_fan_out = not isinstance(base_layer, nn.Linear)
         device = base_layer.weight.device
@@ -282,7 +322,7 @@ def apply(model: nn.Module, config: Config) -> MethodHandle:
     def wrap(name: str, module: nn.Module) -> nn.Module:
         d_in, d_out = linear_shape(module)
         gen = torch.Generator().manual_seed(matrix_seed(config.seed, name))
-        return MaskedLinear(module, sample_indices(d_in * d_out, counts[name], gen))
+        return MaskedLinear(module, sample_indices(d_in * d_out, counts[name], gen), config.fused_gradient)
 
     layers = replace_modules(model, list(counts), wrap)
     return MethodHandle(name="random-mask", model=model, config=config, layers=layers,

@@ -52,15 +52,29 @@ class ToyLab:
     seeds: list[int] = field(default_factory=lambda: [0])
     bootstrap: int = 200
     max_length: int = 128
-    pretrain_lr: float = 3e-3
+    pretrain_lr: float | dict[str, float] = 3e-3  # one rate, or one per size (smaller models take higher rates)
     task: str = "translate"
     methods: list[dict[str, Any]] = field(default_factory=lambda: [dict(m) for m in METHODS])
+    world: WorldConfig = field(default_factory=WorldConfig)
+
+    def lr_for(self, size: str) -> float:
+        """The pretraining learning rate of one size."""
+        if isinstance(self.pretrain_lr, dict):
+            if size not in self.pretrain_lr:
+                raise ConfigError(f"toy lab: no pretraining learning rate for size '{size}' (have "
+                                  f"{', '.join(self.pretrain_lr)})")
+            return self.pretrain_lr[size]
+        return self.pretrain_lr
 
 
 SCALES: dict[str, ToyLab] = {
+    # A world with enough to memorise (a larger lexicon, 30% parallel text: translation pairs need MLP capacity) that
+    # pretraining loss keeps falling with size; per-size learning rates (∝ 1/width, probed on xs, s, m, xl).
     "full": ToyLab(sizes=list(FAMILY), documents=20000, pretrain_steps=1500, pretrain_batch=16, pretrain_model="l",
                    pet_model="l", checkpoints=[0.125, 0.25, 0.5, 1.0], d_f=[25, 50, 100, 200, 400, 800], seeds=[0, 1],
-                   budget={"epochs": 5, "min_steps": 30, "max_steps": 250, "batch_size": 16}),
+                   budget={"epochs": 5, "min_steps": 30, "max_steps": 250, "batch_size": 16},
+                   pretrain_lr={"xs": 2e-2, "s": 1.5e-2, "m": 1e-2, "l": 7e-3, "xl": 5e-3},
+                   world=WorldConfig(nouns=120, verbs=40, adjectives=20, parallel_share=0.3)),
     "mini": ToyLab(sizes=["xs", "s", "m"], documents=600, pretrain_steps=24, pretrain_batch=8, pretrain_model="s",
                    pet_model="s", checkpoints=[0.5, 1.0], d_f=[16, 32, 64], test_examples=48, bootstrap=10,
                    budget={"epochs": 2, "min_steps": 4, "max_steps": 8, "batch_size": 8}, task_train=128,
@@ -89,7 +103,7 @@ def pretrain_family(lab: ToyLab, world_dir: Path, models_dir: Path, workers: int
     for label in sorted(lab.sizes, key=lambda s: -get_size(s).non_embedding_params()):
         cfg = PretrainConfig(corpus=str(world_dir / "corpus.jsonl"), tokenizer=str(world_dir / "tokenizer"),
                              size=label, out=str(models_dir), steps=lab.pretrain_steps, batch_size=lab.pretrain_batch,
-                             max_length=lab.max_length, lr=lab.pretrain_lr, checkpoints=list(lab.checkpoints),
+                             max_length=lab.max_length, lr=lab.lr_for(label), checkpoints=list(lab.checkpoints),
                              threads=threads)
         if not _pretrained(cfg):
             todo.append(cfg)
@@ -179,8 +193,10 @@ def run_toy(out: str | Path, *, scale: str = "full", workers: int = 2, check: bo
     lab, out = get_scale(scale), Path(out)
     world_dir, models_dir = out / "world", out / "models"
     if not (world_dir / "world.json").is_file():
-        write_world(WorldConfig(), world_dir, documents=lab.documents, task_train=lab.task_train,
+        write_world(lab.world, world_dir, documents=lab.documents, task_train=lab.task_train,
                     task_test=lab.test_examples)
+    else:
+        _check_world(lab, world_dir)
     infos = pretrain_family(lab, world_dir, models_dir, workers, threads_per_worker(workers), log)
     problems = check_pretraining(infos)
     if problems and check:
@@ -194,6 +210,17 @@ def run_toy(out: str | Path, *, scale: str = "full", workers: int = 2, check: bo
                           delta=spec.fit.delta, heldout=spec.fit.heldout)
     _append_wall_time(report, time.perf_counter() - t0, infos, problems)
     return report
+
+
+def _check_world(lab: ToyLab, world_dir: Path) -> None:
+    """An existing world folder must be the one this scale would write (else its models and runs are another
+    study's)."""
+    meta = json.loads((world_dir / "world.json").read_text())
+    want = json.loads(json.dumps(dataclasses.asdict(lab.world)))
+    if meta.get("config") != want or meta.get("documents") != lab.documents:
+        raise ConfigError(f"{world_dir / 'world.json'}: this folder holds another toy world (config "
+                          f"{meta.get('config')}, {meta.get('documents')} documents) than this scale's "
+                          f"({want}, {lab.documents} documents); use a new --out folder")
 
 
 def _append_wall_time(report: Path, seconds: float, infos: dict[str, dict[str, Any]], problems: list[str]) -> None:
