@@ -92,7 +92,7 @@ def test_pretraining_lowers_loss_and_exports_loadable_checkpoints(world_files, t
 def test_shipped_spec_is_the_full_toy_study():
     shipped = REPO / "configs" / "scaling-toy.yaml"
     spec = load_spec(shipped)
-    world = World.build(WorldConfig())
+    world = World.build(get_scale("full").world)
     templates = {t: task_template(world, t) for t in TASKS}
     out = Path("runs/lab-toy")
     expected = toy_spec(get_scale("full"), out, out / "world", out / "models", templates)
@@ -130,6 +130,25 @@ def test_expansion_shares_runs_between_axes(tmp_path):
     axes = sorted(tuple(r.factors["axes"]) for r in runs)
     assert len(runs) == 6 and axes.count(("model", "pet", "pretrain")) == 2
     assert {r.config["train"]["max_steps"] for r in runs} == {20}  # min_steps of the default budget
+
+
+def test_full_scale_pretrains_smaller_models_at_higher_rates():
+    lab = get_scale("full")
+    rates = [lab.lr_for(s) for s in sorted(lab.sizes, key=lambda s: FAMILY[s].non_embedding_params())]
+    assert rates == sorted(rates, reverse=True) and len(set(rates)) == len(rates)
+    assert get_scale("mini").lr_for("xs") == get_scale("mini").lr_for("m")  # one rate for all
+    with pytest.raises(ConfigError, match="no pretraining learning rate for size 'xxl'"):
+        lab.lr_for("xxl")
+
+
+def test_lab_refuses_a_folder_holding_another_world(tmp_path):
+    """Models and runs of another world must not be mixed into this scale's study: the error names world.json."""
+    from tunelab.scaling.lab import run_toy
+
+    write_world(WorldConfig(nouns=5), tmp_path / "lab" / "world", documents=10, task_train=4, task_test=2)
+    with pytest.raises(ConfigError, match=r"world\.json: this folder holds another toy world"):
+        run_toy(tmp_path / "lab", scale="mini", log=lambda *_: None)
+    assert not (tmp_path / "lab" / "models").exists()
 
 
 def test_mini_toy_study_end_to_end(tmp_path, capsys, monkeypatch):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from tunelab.config import config_from_dict
 from tunelab.runs import RunError, load_run
 from tunelab.train.loop import TrainingDiverged, train
-from tunelab.train.objective import nll_sum
+from tunelab.train.objective import linear_cross_entropy, nll_sum
 from tunelab.train.schedules import lr_factor
 
 from conftest import REPO, tiny
@@ -62,6 +62,55 @@ def test_nll_sum_equals_cross_entropy_on_full_logits():
                                             ignore_index=-100, reduction="sum")
     torch.testing.assert_close(total, ref, atol=1e-4, rtol=1e-5)
     assert n == int((labels[:, 1:] != -100).sum())
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+@pytest.mark.parametrize("chunk", [1, 70, 1 << 22])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_cross_entropy_equals_linear_then_cross_entropy(autocast, chunk, with_bias):
+    """Loss and the gradients of h, W and b equal autograd through F.linear + F.cross_entropy (fp32 and bf16
+    autocast, any chunking), with a non-unit incoming gradient (the loop divides the sum by the target count)."""
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(13, 24, generator=gen)
+    w, b = torch.randn(37, 24, generator=gen) / 5, torch.randn(37, generator=gen) if with_bias else None
+    y = torch.randint(0, 37, (13,), generator=gen)
+    results = []
+    for fused in (True, False):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        bb = b.clone().requires_grad_(True) if with_bias else None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = linear_cross_entropy(hh, ww, bb, y, chunk_elements=chunk)
+            else:
+                loss = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hh, ww, bb).float(), y,
+                                                         reduction="sum")
+        (loss / 7).backward()
+        results.append((loss.detach(), hh.grad, ww.grad, bb.grad if with_bias else None))
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {"rtol": 1e-5, "atol": 1e-5}
+    for got, want in zip(results[0], results[1], strict=True):
+        if want is not None:
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, **tol)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # evaluation: same loss
+        torch.testing.assert_close(linear_cross_entropy(h, w.requires_grad_(True), b, y, chunk), results[0][0])
+
+
+def test_nll_sum_fuses_a_plain_head_and_falls_back_for_a_wrapped_one(monkeypatch):
+    import tunelab.train.objective as objective
+
+    model, tok = tiny()
+    enc = tok(["abc def", "a much longer example text"], return_tensors="pt", padding=True)
+    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+    calls = []
+    real = objective.linear_cross_entropy
+    monkeypatch.setattr(objective, "linear_cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused, _ = nll_sum(model, {**enc, "labels": labels})
+    assert calls == [1]
+    handle = model.get_output_embeddings().register_forward_hook(lambda m, i, o: o)
+    plain, _ = nll_sum(model, {**enc, "labels": labels})
+    handle.remove()
+    assert calls == [1]  # a hooked head takes the plain path
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-4)
 
 
 def test_grad_accumulation_normalises_by_all_target_tokens(tmp_path):

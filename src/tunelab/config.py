@@ -88,6 +88,8 @@ class TrainSection:
     seed: int = 42
     autocast: Literal["auto", "bf16", "off"] = "auto"
     fp32_attention: bool = True  # under bf16 autocast, attention in fp32 (faster backward on CPU; tunelab.train.attention)
+    fused_kernels: bool | Literal["auto"] = "auto"  # compiled RMSNorm + SwiGLU gate (tunelab.train.fused);
+    # auto: on under bf16 autocast for models of width >= 256 (the compile, ~15 s once per process, pays back)
     eval_every: int = 0  # steps; 0 = only at the end (when an eval set exists)
     save_every: int = 0  # steps; 0 = only the final weights
     keep_checkpoints: int = 2

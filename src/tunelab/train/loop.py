@@ -49,6 +49,7 @@ from tunelab.train.batches import (
     step_micro_batches,
 )
 from tunelab.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from tunelab.train.fused import use_fused_kernels
 from tunelab.train.objective import mean_nll, nll_sum
 from tunelab.train.schedules import lr_factor, warmup_steps_for
 
@@ -108,6 +109,18 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
     for m in model.modules():  # a quantized embedding (codes) returns what a dense table in ``dtype`` would
         if getattr(m, "is_quantized_embedding", False):
             m.out_dtype = dtype
+
+
+FUSED_MIN_WIDTH = 256  # train.fused_kernels: auto switches the compiled kernels on from this hidden size
+
+
+def fused_kernels_wanted(setting: bool | str, autocast: bool, model: nn.Module) -> bool:
+    """train.fused_kernels: true / false, or auto — on under bf16 autocast when the model is wide enough that the
+    one-off compile (~15 s) pays back (tiny test models are not)."""
+    if setting != "auto":
+        return bool(setting)
+    width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
+    return autocast and width >= FUSED_MIN_WIDTH
 
 
 def compile_blocks(model: nn.Module) -> int:
@@ -190,8 +203,11 @@ class Trainer:
         self._restore_attention = lambda: None
         if t.fp32_attention and autocast_enabled(t.autocast, frozen_dtype):
             self._restore_attention = use_fp32_attention(self.model)
+        self._restore_fused = lambda: None
         if t.compile:
             compile_blocks(self.model)
+        elif fused_kernels_wanted(t.fused_kernels, autocast_enabled(t.autocast, frozen_dtype), self.model):
+            self._restore_fused = use_fused_kernels(self.model)
         self.forward = LossModule(self.model)
         if self.info.enabled:
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, find_unused_parameters=False)
@@ -351,6 +367,7 @@ class Trainer:
             raise
         finally:
             self._restore_attention()
+            self._restore_fused()
         return result
 
     def _loop(self, start: int) -> TrainResult:
