@@ -136,3 +136,18 @@ def test_bootstrap_intervals_cover_the_truth():
 def test_data_layout_sizes():
     assert Layout("multiplicative", ["model"]).size == 4 and Layout("additive", ["model", "pet"]).size == 7
     assert isinstance(Data(np.zeros(1, int), np.zeros(1), np.zeros(1), np.zeros(1)), Data)
+
+
+def test_report_flags_an_irreducible_term_fitted_at_its_bound():
+    from types import SimpleNamespace
+
+    from tunelab.scaling.fit import LOG_BOUNDS
+    from tunelab.scaling.report import _bound_notes
+
+    def study(e):
+        law = SimpleNamespace(laws={"model": SimpleNamespace(E=e), "pretrain": SimpleNamespace(E=0.7)})
+        return SimpleNamespace(methods={"full": {"multiplicative": law}})
+
+    note = _bound_notes(study(math.exp(LOG_BOUNDS[0])))
+    assert len(note) == 2 and "E is at its lower bound" in note[1] and "full multiplicative" in note[1]
+    assert _bound_notes(study(0.75)) == []

@@ -159,6 +159,7 @@ def test_mini_toy_study_end_to_end(tmp_path, capsys, monkeypatch):
     report = (out / "report" / "report.md").read_text()
     assert "## The paper's findings at this scale" in report and "β_FMT > β_PET" in report
     assert "α_m > α_p" in report and "critical D_f" in report and "Whole study wall time" in report
+    assert "Machine: " in report and "Reproduce: `tunelab sweep" in report and "Filled in" not in report
     for png in ("loss_vs_df_full.png", "loss_vs_df_lora.png", "predicted_vs_observed.png"):
         assert (out / "report" / png).stat().st_size > 5000
     fit = json.loads((out / "report" / "fit.json").read_text())

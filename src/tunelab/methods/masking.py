@@ -51,7 +51,7 @@ PAPER = ("Xu & Zhang, 2024, Random Masking Finds Winning Tickets for Parameter E
          "https://arxiv.org/abs/2405.02596")
 
 CHUNK_ELEMENTS = 1 << 22  # largest tokens × entries temporary of the value gradient (16 MiB in fp32)
-FUSED_MIN_WORK = 1 << 20  # tokens × entries from which the value gradient uses the compiled (fused) kernel
+FUSED_MIN_WORK = 1 << 14  # tokens × entries from which the value gradient uses the compiled (fused) kernel
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ Writes ``STUDY/report/``: ``report.md``, ``fit.json`` (laws, convergence, estima
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -68,10 +69,46 @@ def render_markdown(study: StudyFit, store: Store, plots: list[Path], fit_second
     for v in verdicts(study):
         lines.append(f"| {v.claim} | {v.paper} | {v.subject} | {_fmt(v.estimate)} | "
                      f"[{_fmt(v.interval[0])}, {_fmt(v.interval[1])}] | {v.verdict} |")
-    lines += ["", "## Fitted laws", "", *_law_table(study), "", "## Convergence", "", *_convergence_table(study)]
+    lines += ["", "## Fitted laws", "", *_law_table(study), *_bound_notes(study), "", "## Convergence", "",
+              *_convergence_table(study)]
     lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plots]
-    lines += ["", "## Measured", "", "_Filled in by whoever runs the study: machine, wall time, commands._", ""]
+    lines += ["", "## Measured", "", *_environment_lines(store), ""]
     return "\n".join(lines)
+
+
+def _bound_notes(study: StudyFit) -> list[str]:
+    """A caveat for every fitted E that sits on its lower bound: the data do not identify an irreducible term."""
+    from tunelab.scaling.fit import LOG_BOUNDS
+
+    floor = math.exp(LOG_BOUNDS[0])
+    at_bound = [f"{m} {law}" for m, by_law in study.methods.items() for law, mf in by_law.items()
+                if any(lp.E is not None and floor * 1.01 >= lp.E for lp in mf.laws.values())]
+    if not at_bound:
+        return []
+    return ["", f"Note: E is at its lower bound (e^{LOG_BOUNDS[0]:g}) for {', '.join(at_bound)}: over this range of "
+                "D_f and X the points do not identify an irreducible loss, so those fits are pure power laws and "
+                "their A, α, β absorb it; extrapolation far beyond the fitted range overstates the gains."]
+
+
+def _environment_lines(store: Store) -> list[str]:
+    """Where and how the report was made (the study's wall time is appended by `tunelab lab toy`)."""
+    import os
+    import platform
+
+    import torch
+
+    import tunelab
+
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return [f"Machine: {cpu}, {os.cpu_count()} cores; torch {torch.__version__}, tunelab {tunelab.__version__}, "
+            f"Python {platform.python_version()}.",
+            f"Reproduce: `tunelab sweep {store.path.parent / 'spec.yaml'}` (resumes; runs what is missing), then "
+            f"`tunelab report {store.path.parent}`."]
 
 
 def _law_table(study: StudyFit) -> list[str]:
@@ -114,6 +151,17 @@ def _pyplot():
     return plt
 
 
+def _plain_ticks(ax, x_values: list[float]) -> None:
+    """Log axes labelled with plain numbers: the D_f values on x (no crowded minor labels), plain y labels."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.set_xticks(x_values)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
+
+
 def plot_loss_vs_df(study: StudyFit, method: str, out: Path) -> Path:
     """One panel per axis: observed loss against D_f per factor value, the fitted multiplicative curves."""
     plt = _pyplot()
@@ -136,6 +184,7 @@ def plot_loss_vs_df(study: StudyFit, method: str, out: Path) -> Path:
                 ax.plot(d_grid, laws[factor].predict(x, d_grid), color=c, lw=1)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        _plain_ticks(ax, sorted({p.d for p in pts}))
         ax.set_xlabel("fine-tuning examples D_f")
         ax.set_ylabel("test NLL per target token")
         ax.set_title(f"{method}: {AXIS_NAMES[factor]}", fontsize=9)
