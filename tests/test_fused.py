@@ -97,3 +97,16 @@ def test_trainer_with_fused_kernels_matches_eager_training(kernels, tmp_path, mo
         losses.append(result.train_loss)
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
     assert switched == [7] and restored == [0]  # only the fused_kernels: true run; the model is left as it was
+
+
+def test_a_kernel_that_cannot_be_built_falls_back_with_one_warning():
+    def broken(x):
+        raise ValueError("no kernel for this")
+
+    with pytest.warns(RuntimeWarning, match="my kernel: torch.compile failed here"):
+        assert fused.compiled_or_none(broken, (torch.ones(2),), "my kernel") is None
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fused.compiled_or_none(broken, (torch.ones(2),), "my kernel") is None  # cached: no second warning

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -167,28 +166,15 @@ def _gather_dot(g: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torc
     return (g[:, rows].float() * x[:, cols].float()).sum(0)
 
 
-_FUSED: dict[str, Any] = {}
-
-
 def _fused_kernel() -> Any:
     """The compiled ``_gather_dot`` (dynamic shapes: one compilation serves every matrix), or None when
-    torch.compile cannot build it here (no C++ compiler, unsupported platform): then the eager path is used and a
-    warning says why, once."""
-    if "kernel" not in _FUSED:
-        try:
-            kernel = torch.compile(_gather_dot, dynamic=True)
-            probe = torch.arange(6, dtype=torch.float32).view(2, 3)
-            idx = torch.tensor([0, 2])
-            if not torch.allclose(kernel(probe, probe, idx, idx), _gather_dot(probe, probe, idx, idx)):
-                raise RuntimeError("the compiled kernel disagrees with the eager one on a probe")
-            _FUSED["kernel"] = kernel
-        except Exception as err:  # noqa: BLE001 - any compile failure means: use the eager path
-            warnings.warn(f"random-mask: torch.compile of the value gradient failed ({type(err).__name__}: "
-                          f"{str(err).splitlines()[0][:200] if str(err) else ''}); using the eager kernel "
-                          f"(slower at high density; set method.fused_gradient: false to silence this)",
-                          RuntimeWarning, stacklevel=3)
-            _FUSED["kernel"] = None
-    return _FUSED["kernel"]
+    torch.compile cannot build it here: then the eager path is used (one warning says why)."""
+    from tunelab.train.fused import compiled_or_none
+
+    probe = torch.arange(6, dtype=torch.float32).view(2, 3)
+    idx = torch.tensor([0, 2])
+    return compiled_or_none(_gather_dot, (probe, probe, idx, idx),
+                            "random-mask value gradient (method.fused_gradient: false skips it)")
 
 
 class _MaskedLinearFn(torch.autograd.Function):

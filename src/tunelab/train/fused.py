@@ -41,22 +41,33 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-@cache
+_COMPILED: dict[Callable[..., Any], Callable[..., Any] | None] = {}
+
+
+def compiled_or_none(fn: Callable[..., Any], probe: tuple[Any, ...], what: str) -> Callable[..., Any] | None:
+    """``torch.compile(fn, dynamic=True)``, checked once per process against ``fn`` itself on ``probe`` arguments;
+    None, with one warning naming ``what``, when it cannot be built here (no C++ compiler, unsupported platform) or
+    disagrees — the caller then stays eager."""
+    if fn not in _COMPILED:
+        try:
+            kernel = torch.compile(fn, dynamic=True)
+            if not torch.allclose(kernel(*probe), fn(*probe), atol=1e-5):
+                raise RuntimeError("the compiled kernel disagrees with the eager one on a probe")
+            _COMPILED[fn] = kernel
+        except Exception as err:  # noqa: BLE001 - any failure to compile means: stay eager
+            warnings.warn(f"{what}: torch.compile failed here ({type(err).__name__}: "
+                          f"{(str(err).splitlines() or [''])[0][:200]}); using the eager kernel",
+                          RuntimeWarning, stacklevel=3)
+            _COMPILED[fn] = None
+    return _COMPILED[fn]
+
+
 def _compiled() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]] | None:
-    """(compiled rms_norm, compiled silu_mul), or None with a warning when torch.compile cannot build them here."""
-    try:
-        norm, gate = torch.compile(rms_norm, dynamic=True), torch.compile(silu_mul, dynamic=True)
-        x = torch.randn(2, 3, 8)
-        ok = torch.allclose(norm(x, torch.ones(8), 1e-6), rms_norm(x, torch.ones(8), 1e-6), atol=1e-5) and \
-            torch.allclose(gate(x, x), silu_mul(x, x), atol=1e-5)
-        if not ok:
-            raise RuntimeError("compiled kernels disagree with the eager ones on a probe")
-        return norm, gate
-    except Exception as err:  # noqa: BLE001 - any failure to compile means: stay eager
-        warnings.warn(f"train.fused_kernels: torch.compile failed here ({type(err).__name__}: "
-                      f"{(str(err).splitlines() or [''])[0][:200]}); training with the eager kernels",
-                      RuntimeWarning, stacklevel=3)
-        return None
+    """(compiled rms_norm, compiled silu_mul), or None when torch.compile cannot build them here."""
+    x = torch.randn(2, 3, 8)
+    norm = compiled_or_none(rms_norm, (x, torch.ones(8), 1e-6), "train.fused_kernels")
+    gate = compiled_or_none(silu_mul, (x, x), "train.fused_kernels") if norm is not None else None
+    return (norm, gate) if norm is not None and gate is not None else None
 
 
 @cache
