@@ -115,3 +115,68 @@ def test_same_as_peft_get_peft_model_with_same_weights():
     with torch.no_grad():
         torch.testing.assert_close(pm(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
     assert sum(p.numel() for p in pm.parameters() if p.requires_grad) == handle.num_trainable()
+
+
+def _autograd_lora(layer: lora.LoraLinear, x: torch.Tensor) -> torch.Tensor:
+    """The same layer through autograd's graph (what LoraLinear runs off the fast path)."""
+    base = layer.base_layer
+    return base(x) + layer.scaling * nn.functional.linear(nn.functional.linear(x, layer.lora_A), layer.lora_B)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(7, 24), (2, 5, 24)])
+def test_fast_path_under_autocast_matches_autograd_and_an_fp32_reference(bias, shape):
+    """The hand-written forward/backward (_LoraMatmul) against (a) autograd on the same bf16 expression and
+    (b) plain fp32 torch: output and the gradients of x, A and B."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, bias=bias).to(torch.bfloat16).requires_grad_(False)
+    layer = lora.LoraLinear(base, r=4, scaling=2.0, dropout=0.0, init="kaiming")
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    x = torch.randn(*shape, requires_grad=True)
+    g = torch.randn(*shape[:-1], 20)
+
+    def run(fn):
+        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = fn(x)
+        y.float().backward(g)
+        return [y.float(), x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    calls = []
+    real = lora._LoraMatmul.apply
+    lora._LoraMatmul.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        fast = run(layer)
+    finally:
+        lora._LoraMatmul.apply = real
+    assert calls, "the fast path was not taken"
+    assert fast[1].dtype == torch.float32 and fast[2].dtype == torch.float32
+    slow = run(lambda t: _autograd_lora(layer, t))
+    for a, b in zip(fast, slow, strict=True):
+        torch.testing.assert_close(a, b.float(), atol=2e-2, rtol=2e-2)
+    # fp32 reference by hand: y = x Wᵀ + b + s (x Aᵀ) Bᵀ, and its gradients
+    w = base.weight.float()
+    xr, ar, br = x.detach().clone().requires_grad_(), layer.lora_A.detach().clone().requires_grad_(), \
+        layer.lora_B.detach().clone().requires_grad_()
+    yr = xr @ w.T + (base.bias.float() if bias else 0) + 2.0 * (xr @ ar.T) @ br.T
+    yr.backward(g)
+    for a, b in zip(fast, [yr, xr.grad, ar.grad, br.grad], strict=True):
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3
+
+
+def test_fast_path_is_skipped_where_it_does_not_apply():
+    torch.manual_seed(0)
+    base = nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)
+    layer = lora.LoraLinear(base, r=2, scaling=1.0, dropout=0.1, init="kaiming")
+    x = torch.randn(3, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not lora._fast_path(layer, x)  # dropout on the low-rank branch while training
+        layer.eval()
+        assert lora._fast_path(layer, x)
+        base.weight.requires_grad_(True)
+        assert not lora._fast_path(layer, x)  # a trained base weight needs its own gradient
+        base.weight.requires_grad_(False)
+        layer.base_layer = base.float()
+        assert not lora._fast_path(layer, x)  # fp32 weights: autocast's own path
+    assert not lora._fast_path(layer, x)  # no autocast

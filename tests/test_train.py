@@ -254,3 +254,37 @@ def test_bf16_run_loads_in_fp32_and_full_tuning_starts_from_fp32_weights(tmp_pat
     reference, _ = tiny()
     w = t.model.model.layers[0].mlp.up_proj.weight
     assert w.dtype == torch.float32 and torch.equal(w, reference.model.layers[0].mlp.up_proj.weight)
+
+
+def test_adamw_is_fused_where_it_can_be_and_gives_foreachs_update():
+    from tunelab.train.loop import adamw
+
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    copies = [p.detach().clone().requires_grad_() for p in params]
+    fused = adamw([{"params": params, "weight_decay": 0.1}], lr=1e-2, betas=(0.9, 0.999))
+    assert fused.defaults["fused"]
+    plain = torch.optim.AdamW([{"params": copies, "weight_decay": 0.1}], lr=1e-2, foreach=False)
+    for _ in range(3):
+        for ps, opt in ((params, fused), (copies, plain)):
+            for p in ps:
+                p.grad = torch.ones_like(p) * 0.5 + p.detach()
+            opt.step()
+    for a, b in zip(params, copies, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+
+def test_adamw_falls_back_to_foreach_where_fused_is_refused(monkeypatch):
+    from tunelab.train import loop
+
+    real = torch.optim.AdamW
+
+    def no_fused(*args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be on a supported device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused)
+    opt = loop.adamw([{"params": [torch.zeros(2, requires_grad=True)]}], lr=1e-3)
+    assert opt.defaults["foreach"] and not opt.defaults["fused"]

@@ -90,6 +90,8 @@ class TrainSection:
     fp32_attention: bool = True  # under bf16 autocast, attention in fp32 (faster backward on CPU; tunelab.train.attention)
     fused_kernels: bool | Literal["auto"] = "auto"  # compiled RMSNorm + SwiGLU gate (tunelab.train.fused);
     # auto: on under bf16 autocast for models of width >= 256 (the compile, ~15 s once per process, pays back)
+    compiled_attention: bool | Literal["auto"] = "auto"  # with fp32_attention: a compiled grouped-query attention
+    # kernel for short sequences (tunelab.train.attention); auto: on where fused_kernels' auto rule says so
     eval_every: int = 0  # steps; 0 = only at the end (when an eval set exists)
     save_every: int = 0  # steps; 0 = only the final weights
     keep_checkpoints: int = 2

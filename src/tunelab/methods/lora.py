@@ -54,6 +54,55 @@ class Config:
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
 
+class _LoraMatmul(torch.autograd.Function):
+    """y = x Wᵀ + b + s·(x Aᵀ) Bᵀ for a frozen W (and b) in the compute dtype, forward and backward written out.
+
+    Autograd's graph for the same expression (two small linears, a scaled add) allocates and walks the full
+    [tokens × out] activation three more times (the low-rank product, the sum, the scaling of its gradient) and the
+    [tokens × in] input gradient once more (the sum of both branches'). Here the low-rank term is accumulated into the
+    base product in place (``addmm_``), the scale is applied to the [tokens × r] factor, and the low-rank part of the
+    input gradient is accumulated into the base part. Measured on this 2-core CPU (SmolLM2's seven linears of one
+    layer, 1,024 tokens, r = 8, forward + backward): 27 ms against 36 ms through autograd, 18 ms for the frozen
+    linears alone. The matmuls and their dtypes are those autocast runs, so the result is the same up to rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):  # type: ignore[override]
+        shape, dtype = x.shape, x.dtype
+        x2 = x.reshape(-1, shape[-1]).to(weight.dtype)
+        a, b = lora_A.to(weight.dtype), lora_B.to(weight.dtype)
+        xa = x2 @ a.t()
+        y = F.linear(x2, weight, bias).addmm_(xa, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2, weight, a, b, xa)
+        ctx.scaling, ctx.x_shape, ctx.x_dtype = scaling, shape, dtype
+        ctx.ab_dtypes = (lora_A.dtype, lora_B.dtype)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        x2, weight, a, b, xa = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)
+        gb = (g2 @ b).mul_(ctx.scaling)  # s·g B: [tokens × r]
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (g2 @ weight).addmm_(gb, a).view(ctx.x_shape).to(ctx.x_dtype)
+        grad_a = (gb.t() @ x2).to(ctx.ab_dtypes[0]) if ctx.needs_input_grad[3] else None
+        grad_b = (xa.t() @ g2).t().mul(ctx.scaling).to(ctx.ab_dtypes[1]) if ctx.needs_input_grad[4] else None
+        return grad_x, None, None, grad_a, grad_b, None
+
+
+def _fast_path(layer: LoraLinear, x: torch.Tensor) -> bool:
+    """_LoraMatmul applies: under autocast to the dtype of a frozen plain nn.Linear, without dropout on the
+    low-rank branch."""
+    base = layer.base_layer
+    if type(base) is not nn.Linear or not torch.is_autocast_enabled(x.device.type):
+        return False
+    w, bias = base.weight, base.bias
+    return (w.dtype == torch.get_autocast_dtype(x.device.type) and not w.requires_grad
+            and (bias is None or (not bias.requires_grad and bias.dtype == w.dtype))
+            and (isinstance(layer.dropout, nn.Identity) or not layer.training))
+
+
 class LoraLinear(nn.Module):
     """Wraps a frozen linear layer (``base_layer``) and adds the low-rank update s·B·A x."""
 
@@ -83,6 +132,10 @@ class LoraLinear(nn.Module):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled and not self.merged and _fast_path(self, x):
+            base = self.base_layer
+            with torch.autocast(x.device.type, enabled=False):
+                return _LoraMatmul.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling)
         y = self.base_layer(x)
         if not self.enabled or self.merged:
             return y

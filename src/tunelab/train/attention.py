@@ -16,6 +16,7 @@ generation of a model left with this setting behave as before. ``use_fp32_attent
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 FP32_SDPA = "tunelab_sdpa_fp32"
+COMPILED_ATTENTION = "tunelab_compiled_attention"
 _registered = False
 
 
@@ -42,6 +44,73 @@ def sdpa_fp32_under_autocast(module: nn.Module, query: torch.Tensor, key: torch.
     return out.to(dtype), weights
 
 
+# -- the compiled kernel for short sequences ------------------------------------------------------------------
+MAX_SCORES = 2**24  # batch x heads x queries x keys above this: flash kernel (the math kernel keeps them for backward)
+_NEG = torch.finfo(torch.float32).min
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor,
+                      scale: float) -> torch.Tensor:
+    """softmax(q kᵀ·scale, masked) v with the query heads that share a key/value head folded into one matmul
+    (no repeat of k and v). The numerics of transformers' eager attention under autocast: q kᵀ and p v are matmuls
+    in the inputs' dtype (fp32 accumulation), the scaling, mask and softmax in fp32.
+    ``keep``: bool, [batch, queries, keys] or broadcastable to [queries, keys]; a row with no key kept gives uniform
+    weights, never NaN. Returns [batch, heads, queries, value dim]."""
+    b, h, t, d = query.shape
+    kv, s = key.shape[1], key.shape[2]
+    g = h // kv
+    scores = (query.reshape(b, kv, g * t, d) @ key.transpose(-1, -2)).float()
+    mask = keep[:, None, None] if keep.dim() == 3 else keep  # -> [batch, 1, 1, queries, keys]
+    scores = scores.view(b, kv, g, t, s) * scale + torch.where(mask, 0.0, _NEG)
+    probs = torch.softmax(scores, dim=-1).to(value.dtype).view(b, kv, g * t, s)
+    return (probs @ value).view(b, h, t, value.shape[-1])
+
+
+@functools.cache
+def _causal(t: int, s: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(t, s, dtype=torch.bool, device=device).tril()
+
+
+def _grouped_kernel() -> Callable[..., torch.Tensor] | None:
+    from tunelab.train.fused import compiled_or_none
+
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
+    return compiled_or_none(grouped_attention, (q, k, k, _causal(3, 3, q.device), 0.5), "train.compiled_attention")
+
+
+def compiled_attention_under_autocast(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                      attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                                      scaling: float | None = None, is_causal: bool | None = None,
+                                      **kwargs: Any) -> tuple[torch.Tensor, Any]:
+    """Under autocast with low-precision q/k/v: ``grouped_attention`` compiled (one fused kernel per side of the
+    matmuls instead of the flash kernel, 2-3x faster forward + backward at 128 tokens here) when the call is a
+    plain one — no dropout, soft-capping, position bias or per-head mask, scores that fit ``MAX_SCORES`` — and the
+    fp32 flash path (``sdpa_fp32_under_autocast``) otherwise."""
+    b, h, t, _ = query.shape
+    s = key.shape[2]
+    plain = (torch.is_autocast_enabled(query.device.type) and query.dtype != torch.float32 and dropout == 0.0
+             and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
+             and not kwargs.get("output_attentions", False) and h % key.shape[1] == 0 and b * h * t * s <= MAX_SCORES)
+    if attention_mask is None:
+        causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        keep = _causal(t, s, query.device) if causal and t > 1 else torch.ones(1, 1, dtype=torch.bool,
+                                                                               device=query.device)
+        plain = plain and (t == s or not causal or t == 1)
+    else:
+        keep = attention_mask
+        plain = plain and keep.dtype == torch.bool and keep.dim() == 4 and keep.shape[1] == 1
+    kernel = _grouped_kernel() if plain else None
+    if kernel is None:
+        return sdpa_fp32_under_autocast(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        is_causal=is_causal, **kwargs)
+    if keep.dim() == 4:
+        keep = keep[:, 0]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        out = kernel(query, key, value.to(query.dtype), keep, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
 def register() -> None:
     """Make ``FP32_SDPA`` known to transformers (idempotent)."""
     global _registered
@@ -52,10 +121,12 @@ def register() -> None:
 
     AttentionInterface.register(FP32_SDPA, sdpa_fp32_under_autocast)
     AttentionMaskInterface.register(FP32_SDPA, sdpa_mask)
+    AttentionInterface.register(COMPILED_ATTENTION, compiled_attention_under_autocast)
+    AttentionMaskInterface.register(COMPILED_ATTENTION, sdpa_mask)
     _registered = True
 
 
-def use_fp32_attention(model: nn.Module) -> Callable[[], None]:
+def use_fp32_attention(model: nn.Module, compiled: bool = False) -> Callable[[], None]:
     """Switch a transformers model from ``sdpa`` to ``FP32_SDPA``; returns the function that switches it back.
 
     Models on another implementation (eager, flash, a custom one) are left alone: the returned function does
@@ -66,5 +137,5 @@ def use_fp32_attention(model: nn.Module) -> Callable[[], None]:
     if before != "sdpa" or not hasattr(model, "set_attn_implementation"):
         return lambda: None
     register()
-    model.set_attn_implementation(FP32_SDPA)
+    model.set_attn_implementation(COMPILED_ATTENTION if compiled else FP32_SDPA)
     return lambda: model.set_attn_implementation(before)

@@ -51,7 +51,9 @@ def compiled_or_none(fn: Callable[..., Any], probe: tuple[Any, ...], what: str) 
     if fn not in _COMPILED:
         try:
             kernel = torch.compile(fn, dynamic=True)
-            if not torch.allclose(kernel(*probe), fn(*probe), atol=1e-5):
+            with torch.autocast("cpu", enabled=False):  # the probe is fp32 whatever the caller's context
+                agree = torch.allclose(kernel(*probe), fn(*probe), atol=1e-5)
+            if not agree:
                 raise RuntimeError("the compiled kernel disagrees with the eager one on a probe")
             _COMPILED[fn] = kernel
         except Exception as err:  # noqa: BLE001 - any failure to compile means: stay eager

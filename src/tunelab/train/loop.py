@@ -123,6 +123,16 @@ def fused_kernels_wanted(setting: bool | str, autocast: bool, model: nn.Module) 
     return autocast and width >= FUSED_MIN_WIDTH
 
 
+def adamw(groups: list[dict[str, Any]], **options: Any) -> torch.optim.AdamW:
+    """AdamW with its fused kernel (one pass over parameter, gradient and both moments per tensor: 0.11 s against
+    0.4-0.7 s for the foreach kernel over SmolLM2's 135M parameters on 2 threads here; same update to 1e-7), or the
+    foreach kernel where the fused one does not take these parameters (device or dtype)."""
+    try:
+        return torch.optim.AdamW(groups, fused=True, **options)
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, foreach=True, **options)
+
+
 def compile_blocks(model: nn.Module) -> int:
     """torch.compile every repeated transformer block (the classes in ``model._no_split_modules``).
 
@@ -202,7 +212,8 @@ class Trainer:
         self._build_optimizer()
         self._restore_attention = lambda: None
         if t.fp32_attention and autocast_enabled(t.autocast, frozen_dtype):
-            self._restore_attention = use_fp32_attention(self.model)
+            compiled = fused_kernels_wanted(t.compiled_attention, True, self.model) and not t.compile
+            self._restore_attention = use_fp32_attention(self.model, compiled=compiled)
         self._restore_fused = lambda: None
         if t.compile:
             compile_blocks(self.model)
@@ -220,7 +231,7 @@ class Trainer:
         groups = [g for g in groups if g["params"]]
         self.param_order = [n for n, p in self.params.items() if p.ndim >= 2] + \
                            [n for n, p in self.params.items() if p.ndim < 2]
-        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=tuple(t.adam_betas), foreach=True)
+        self.optimizer = adamw(groups, lr=t.lr, betas=tuple(t.adam_betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
             lambda s: lr_factor(s, self.total_steps, self.warmup, t.schedule, t.min_lr_ratio),
