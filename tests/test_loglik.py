@@ -59,6 +59,24 @@ def test_logprobs_match_hand_computation(name):
         assert lp == pytest.approx(want, abs=1e-5)
 
 
+def test_bf16_model_scores_with_an_fp32_head():
+    """A bf16 model's hidden states go through the vocabulary projection in fp32: the scores equal an fp64 head on
+    the same bf16 hidden states (a bf16 head rounds logits, and options that differ by less than that tie)."""
+    model, tok = tiny("tiny-llama", "bf16")
+    got = continuation_logprobs(model, tok, PAIRS, batch_size=8)
+    head = model.get_output_embeddings().weight.double()
+    for (ctx, cont), (lp, n) in zip(PAIRS, got, strict=True):
+        c = tok(ctx.rstrip(), add_special_tokens=False)["input_ids"] or [tok.bos_token_id]
+        whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
+        cids = whole[len(c):] if ctx.strip() else whole
+        with torch.no_grad():
+            hidden = model.model(input_ids=torch.tensor([c + cids])).last_hidden_state[0]
+        logp = torch.log_softmax(hidden.double() @ head.T, dim=-1)
+        want = sum(float(logp[len(c) - 1 + j, t]) for j, t in enumerate(cids))
+        assert n == len(cids)
+        assert lp == pytest.approx(want, abs=1e-4)
+
+
 def test_batched_equals_one_at_a_time(llama):
     model, tok = llama
     pairs = PAIRS + [("Q: 2+2?\nA:", " 4"), ("", "Empty context scores from BOS.")]

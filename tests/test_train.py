@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tunelab.config import config_from_dict
+from tunelab.config import ConfigError, config_from_dict
 from tunelab.runs import RunError, load_run
 from tunelab.train.loop import TrainingDiverged, train
 from tunelab.train.objective import linear_cross_entropy, nll_sum
@@ -288,3 +288,24 @@ def test_adamw_falls_back_to_foreach_where_fused_is_refused(monkeypatch):
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
     opt = loop.adamw([{"params": [torch.zeros(2, requires_grad=True)]}], lr=1e-3)
     assert opt.defaults["foreach"] and not opt.defaults["fused"]
+
+
+def test_mmap_threshold_option_reaches_mallopt(tmp_path, monkeypatch):
+    from tunelab.train import loop
+
+    seen = []
+    monkeypatch.setattr(loop, "set_mmap_threshold", lambda n: seen.append(n) or True)
+    trainer = loop.Trainer(config_from_dict(cfg_dict(tmp_path, train__mmap_threshold_kib=512)))
+    trainer.setup()
+    assert seen == [512 * 1024]
+    with pytest.raises(ConfigError, match="mmap_threshold_kib"):
+        config_from_dict(cfg_dict(tmp_path, train__mmap_threshold_kib=10**6))
+
+
+def test_set_mmap_threshold_is_glibc_mallopt():
+    import ctypes
+
+    from tunelab.train.memory import set_mmap_threshold
+
+    has_mallopt = hasattr(ctypes.CDLL(None), "mallopt")
+    assert set_mmap_threshold(32 * 1024 * 1024) == has_mallopt  # 32 MiB: glibc's own ceiling, harmless here

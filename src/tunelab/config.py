@@ -90,6 +90,8 @@ class TrainSection:
     fp32_attention: bool = True  # under bf16 autocast, attention in fp32 (faster backward on CPU; tunelab.train.attention)
     fused_kernels: bool | Literal["auto"] = "auto"  # compiled RMSNorm + SwiGLU gate (tunelab.train.fused);
     # auto: on under bf16 autocast for models of width >= 256 (the compile, ~15 s once per process, pays back)
+    mmap_threshold_kib: int | None = None  # glibc mmap threshold for this process (tunelab.train.memory); None:
+    # leave malloc alone. 1024 sends activation buffers to their own mappings: lower peak RSS
     compiled_attention: bool | Literal["auto"] = "auto"  # with fp32_attention: a compiled grouped-query attention
     # kernel for short sequences (tunelab.train.attention); auto: on where fused_kernels' auto rule says so
     eval_every: int = 0  # steps; 0 = only at the end (when an eval set exists)
@@ -112,6 +114,9 @@ class TrainSection:
             raise ConfigError(f"train.epochs must be positive, got {self.epochs}")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"train.adam_betas needs two numbers, got {self.adam_betas}")
+        if self.mmap_threshold_kib is not None and not 0 <= self.mmap_threshold_kib <= 32 * 1024:
+            raise ConfigError(f"train.mmap_threshold_kib must be between 0 and 32768 (glibc's limit) or null, got "
+                              f"{self.mmap_threshold_kib}")
 
 
 @dataclass

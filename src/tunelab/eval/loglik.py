@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tunelab.eval.choices import MCItem
 from tunelab.eval.generate import progress
@@ -116,6 +118,18 @@ def _decoder_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[
     return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, False
 
 
+def _head_fp32(head: Any, hidden: torch.Tensor) -> torch.Tensor:
+    """The vocabulary projection of the scored positions, in fp32 for a plain linear head whatever the model's dtype.
+
+    A bf16 head rounds logits of magnitude 16-32 to multiples of 0.125 (0.25 above 32): options that differ by less
+    than that tie, and the tie goes to the first option. The fp32 product of the bf16 hidden states and weights
+    costs little, as only the scored positions go through it. Other heads (quantized, wrapped) run as they are."""
+    if type(head) is nn.Linear and hidden.dtype != torch.float32:
+        bias = head.bias.float() if head.bias is not None else None
+        return F.linear(hidden.float(), head.weight.float(), bias)
+    return head(hidden)
+
+
 def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[list[int]]]], pad_id: int) -> list[list[float]]:
     """Σ log p(continuation) for every continuation of every row of a right-padded batch.
 
@@ -143,7 +157,7 @@ def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[list[int]]]], p
     with prompt_lengths(context):
         out, is_hidden = _decoder_hidden(model, ids.to(device), mask.to(device))
     picked = out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
-    logits = model.get_output_embeddings()(picked) if is_hidden else picked
+    logits = _head_fp32(model.get_output_embeddings(), picked) if is_hidden else picked
     cap = getattr(model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
