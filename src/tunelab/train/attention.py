@@ -81,7 +81,9 @@ def _causal(t: int, s: int, device: torch.device) -> torch.Tensor:
     return torch.ones(t, s, dtype=torch.bool, device=device).tril()
 
 
+@functools.cache
 def _grouped_kernel() -> Callable[..., torch.Tensor] | None:
+    """The compiled ``grouped_attention`` (built and probed once per process), or None."""
     from tunelab.train.fused import compiled_or_none
 
     q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 2, 3, 8)
