@@ -57,6 +57,8 @@ CLEAN_FOREIGN_CORES = 0.25  # a step is "clean" when other processes used fewer 
 MAX_NOISY_SHARE = 0.25  # rerun a configuration when more of its measured steps than this were not clean
 TARGETS = {"lora_tokens_per_s_vs_peft": 2.0, "lora_peak_rss_vs_peft_max": 0.6, "full_tokens_per_s_vs_plain": 1.5,
            "pet_tokens_per_s_vs_peer": 2.0}
+# glibc's environment form of tunelab.train.memory.keep_freed_memory (KEEP_TRIM_THRESHOLD, KEEP_MMAP_THRESHOLD)
+KEEP_FREED_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_MMAP_THRESHOLD_": str(1 << 30)}
 # AdapterHub `adapters` 1.x needs transformers 4.x: its worker runs under this interpreter (a venv with torch,
 # transformers 4.57 and adapters 1.3; see bench/README.md). Unset or missing: the adapters rows are skipped.
 ADAPTERS_PYTHON = os.environ.get("TUNELAB_ADAPTERS_PYTHON", "")
@@ -72,6 +74,7 @@ class Spec:
     dtype: str = "auto"  # model load dtype
     autocast: bool = False  # peer loops only; tunelab decides itself (auto: bf16 autocast with bf16 weights)
     compile: bool = False  # tunelab only: train.compile
+    keep_freed_memory: bool = False  # peer loops only: glibc set (by environment) as train.keep_freed_memory sets it
 
 
 def _tunelab(method: str, what: str) -> Spec:
@@ -92,6 +95,12 @@ CONFIGS: dict[str, Spec] = {
     "plain-full-fp32": Spec("plain", "full", "transformers + torch loop, full tuning, fp32", dtype="fp32"),
     "plain-full-bf16autocast": Spec("plain", "full", "transformers + torch loop, full tuning, fp32 weights, "
                                                      "forward under bf16 autocast", dtype="fp32", autocast=True),
+    "peft-lora-bf16-keepmem": Spec("peft", "lora", "as peft-lora-bf16, with glibc keeping freed memory as "
+                                                   "tunelab's train.keep_freed_memory does", dtype="bf16",
+                                   autocast=True, keep_freed_memory=True),
+    "plain-full-bf16autocast-keepmem": Spec("plain", "full", "as plain-full-bf16autocast, with glibc keeping freed "
+                                                             "memory as tunelab's train.keep_freed_memory does",
+                                            dtype="fp32", autocast=True, keep_freed_memory=True),
     "tunelab-prompt": _tunelab("prompt", f"prompt tuning, {VIRTUAL_TOKENS} soft tokens"),
     "peft-prompt-fp32": Spec("peft", "prompt", f"peft prompt tuning, {VIRTUAL_TOKENS} virtual tokens, fp32 model",
                              dtype="fp32"),
@@ -569,6 +578,11 @@ def ratios(configs: dict[str, Any]) -> dict[str, Any]:
         out[f"tunelab-lora{suffix} vs best peft-lora"] = _compare(configs, f"tunelab-lora{suffix}", peft,
                                                                   "peft-lora-fp32")
         out[f"tunelab-full{suffix} vs best plain-full"] = _compare(configs, f"tunelab-full{suffix}", plain, None)
+    # the peers given the allocator setting that tunelab's loop makes by default (what is left of the lead)
+    out["tunelab-lora vs peft-lora-bf16-keepmem"] = _compare(configs, "tunelab-lora", ("peft-lora-bf16-keepmem",),
+                                                             None)
+    out["tunelab-full vs plain-full-bf16autocast-keepmem"] = _compare(configs, "tunelab-full",
+                                                                      ("plain-full-bf16autocast-keepmem",), None)
     for key, value in out.items():
         if value.get("available") is not False:
             value["target_met"] = target_met(key, value)
@@ -599,10 +613,13 @@ def select(only: str | None) -> list[str]:
 
 
 def child_env(args: argparse.Namespace, name: str, workdir: Path, rep: int, attempt: int) -> dict[str, str]:
-    """Compile variants get an empty TorchInductor cache of their own unless --warm-compile-cache."""
-    if not CONFIGS[name].compile or args.warm_compile_cache:
-        return {}
-    return {"TORCHINDUCTOR_CACHE_DIR": str(workdir / f"inductor-cache-{name}-{rep}-{attempt}")}
+    """Compile variants get an empty TorchInductor cache of their own unless --warm-compile-cache; peer loops
+    marked keep_freed_memory get glibc's trim and mmap thresholds of tunelab.train.memory.keep_freed_memory
+    through glibc's environment variables."""
+    env = dict(KEEP_FREED_MEMORY_ENV) if CONFIGS[name].keep_freed_memory else {}
+    if CONFIGS[name].compile and not args.warm_compile_cache:
+        env["TORCHINDUCTOR_CACHE_DIR"] = str(workdir / f"inductor-cache-{name}-{rep}-{attempt}")
+    return env
 
 
 def noise(res: dict[str, Any], warmup: int) -> float | None:

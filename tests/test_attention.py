@@ -158,8 +158,12 @@ def test_compiled_attention_falls_back_to_fp32_sdpa_where_it_does_not_apply(sdpa
     q = torch.randn(1, 4, 5, 8, dtype=torch.bfloat16)
     k = torch.randn(1, 2, 5, 8, dtype=torch.bfloat16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        attn.compiled_attention_under_autocast(module, q, k, k, None)
+        out, _ = attn.compiled_attention_under_autocast(module, q, k, k, None)
         assert not sdpa_dtypes
+        # fp32 q/k/v (an fp32 residual stream, as in full tuning): the compiled kernel on their bf16 casts
+        out32, _ = attn.compiled_attention_under_autocast(module, q.float(), k.float(), k.float(), None)
+        assert not sdpa_dtypes and out32.dtype == torch.bfloat16
+        torch.testing.assert_close(out32, out, atol=0, rtol=0)
         attn.compiled_attention_under_autocast(module, q, k, k, None, dropout=0.1)  # dropout: flash kernel
         assert sdpa_dtypes == [torch.float32]
         float_mask = torch.zeros(1, 1, 5, 5)  # additive masks may carry biases: flash kernel

@@ -67,9 +67,14 @@ def test_nll_sum_equals_cross_entropy_on_full_logits():
 @pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("chunk", [1, 70, 1 << 22])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_cross_entropy_equals_linear_then_cross_entropy(autocast, chunk, with_bias):
+@pytest.mark.parametrize("w_block", [1 << 25, 37 * 4])
+def test_linear_cross_entropy_equals_linear_then_cross_entropy(autocast, chunk, with_bias, w_block, monkeypatch):
     """Loss and the gradients of h, W and b equal autograd through F.linear + F.cross_entropy (fp32 and bf16
-    autocast, any chunking), with a non-unit incoming gradient (the loop divides the sum by the target count)."""
+    autocast, any chunking, ∂/∂W in one block or in blocks of 4 positions), with a non-unit incoming gradient (the
+    loop divides the sum by the target count)."""
+    import tunelab.train.objective as objective
+
+    monkeypatch.setattr(objective, "GRAD_W_BLOCK_ELEMENTS", w_block)
     gen = torch.Generator().manual_seed(0)
     h = torch.randn(13, 24, generator=gen)
     w, b = torch.randn(37, 24, generator=gen) / 5, torch.randn(37, generator=gen) if with_bias else None
@@ -212,6 +217,15 @@ def test_resume_after_kill_reproduces_uninterrupted_weights(tmp_path):
     assert [r["step"] for r in rows if "loss" in r] == list(range(1, steps + 1))
 
 
+def free_port() -> int:
+    """A TCP port nothing listens on now (asked of the OS, not guessed: a guessed one can be taken)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_ddp_two_processes_match_one_process(tmp_path):
     """2 processes × grad_accum 1 vs 1 process × grad_accum 2 at the same global batch: same loss curve."""
     import yaml
@@ -223,7 +237,7 @@ def test_ddp_two_processes_match_one_process(tmp_path):
         path = tmp_path / f"{name}.yaml"
         path.write_text(yaml.safe_dump(d))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(29500 + random.randint(0, 400)), "-m", "tunelab.cli", "train", str(path)]
+               str(free_port()), "-m", "tunelab.cli", "train", str(path)]
         out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert out.returncode == 0, out.stdout + out.stderr
@@ -300,6 +314,34 @@ def test_mmap_threshold_option_reaches_mallopt(tmp_path, monkeypatch):
     assert seen == [512 * 1024]
     with pytest.raises(ConfigError, match="mmap_threshold_kib"):
         config_from_dict(cfg_dict(tmp_path, train__mmap_threshold_kib=10**6))
+
+
+def test_keep_freed_memory_is_on_by_default_and_can_be_switched_off(tmp_path, monkeypatch):
+    from tunelab.train import loop
+
+    calls = []
+    monkeypatch.setattr(loop, "keep_freed_memory", lambda: calls.append("keep") or True)
+    monkeypatch.setattr(loop, "set_mmap_threshold", lambda n: calls.append(n) or True)
+    loop.Trainer(config_from_dict(cfg_dict(tmp_path / "a"))).setup()
+    assert calls == ["keep"]
+    calls.clear()
+    loop.Trainer(config_from_dict(cfg_dict(tmp_path / "b", train__keep_freed_memory=False))).setup()
+    assert calls == []
+    loop.Trainer(config_from_dict(cfg_dict(tmp_path / "c", train__mmap_threshold_kib=1024))).setup()
+    assert calls == ["keep", 1024 * 1024]  # the threshold, set after, decides which buffers are mapped
+
+
+def test_keep_freed_memory_sets_glibc_trim_and_mmap_thresholds(monkeypatch):
+    import ctypes
+
+    from tunelab.train import memory
+
+    seen = []
+    monkeypatch.setattr(memory, "_mallopt", lambda p, v: seen.append((p, v)) or True)
+    assert memory.keep_freed_memory()
+    assert seen == [(memory.M_TRIM_THRESHOLD, 2**31 - 1), (memory.M_MMAP_THRESHOLD, 1 << 30)]
+    monkeypatch.undo()
+    assert memory.keep_freed_memory() == hasattr(ctypes.CDLL(None), "mallopt")  # glibc takes both values
 
 
 def test_set_mmap_threshold_is_glibc_mallopt():

@@ -94,13 +94,13 @@ def compiled_attention_under_autocast(module: nn.Module, query: torch.Tensor, ke
                                       attention_mask: torch.Tensor | None, dropout: float = 0.0,
                                       scaling: float | None = None, is_causal: bool | None = None,
                                       **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """Under autocast with low-precision q/k/v: ``grouped_attention`` compiled (one fused kernel per side of the
-    matmuls instead of the flash kernel, ~2x faster forward + backward at 128 tokens here) when the call is a
+    """Under autocast: ``grouped_attention`` compiled, on q/k/v cast to the autocast dtype (one fused kernel per side
+    of the matmuls instead of the flash kernel, ~2x faster forward + backward at 128 tokens here) when the call is a
     plain one — no dropout, soft-capping, position bias or per-head mask, scores that fit ``MAX_SCORES`` — and the
     fp32 flash path (``sdpa_fp32_under_autocast``) otherwise."""
     b, h, t, _ = query.shape
     s = key.shape[2]
-    plain = (torch.is_autocast_enabled(query.device.type) and query.dtype != torch.float32 and dropout == 0.0
+    plain = (torch.is_autocast_enabled(query.device.type) and dropout == 0.0
              and kwargs.get("softcap") is None and kwargs.get("position_bias") is None
              and not kwargs.get("output_attentions", False) and h % key.shape[1] == 0 and b * h * t * s <= MAX_SCORES)
     if attention_mask is None:
@@ -118,8 +118,11 @@ def compiled_attention_under_autocast(module: nn.Module, query: torch.Tensor, ke
     if keep.dim() == 4:
         keep = keep[:, 0]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    # q/k/v in the matmul dtype, as autocast gives eager attention's matmuls. fp32 q/k/v arrive when the residual
+    # stream is fp32 (full tuning: a trainable fp32 embedding makes the rotary cos/sin, and so q and k, fp32).
+    dtype = query.dtype if query.dtype != torch.float32 else torch.get_autocast_dtype(query.device.type)
     with torch.autocast(device_type=query.device.type, enabled=False):
-        out = kernel(query, key.to(query.dtype), value.to(query.dtype), keep, scale)
+        out = kernel(query.to(dtype), key.to(dtype), value.to(dtype), keep, scale)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -50,7 +50,7 @@ from tunelab.train.batches import (
 )
 from tunelab.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
 from tunelab.train.fused import use_fused_kernels
-from tunelab.train.memory import set_mmap_threshold
+from tunelab.train.memory import keep_freed_memory, set_mmap_threshold
 from tunelab.train.objective import mean_nll, nll_sum
 from tunelab.train.schedules import lr_factor, warmup_steps_for
 
@@ -174,6 +174,8 @@ class Trainer:
         from tunelab.models import describe_spec, load_model, model_fingerprint
 
         t = self.cfg.train
+        if t.keep_freed_memory:
+            keep_freed_memory()
         if t.mmap_threshold_kib is not None:
             set_mmap_threshold(t.mmap_threshold_kib * 1024)
         if t.threads:
