@@ -58,7 +58,7 @@ MAX_NOISY_SHARE = 0.25  # rerun a configuration when more of its measured steps 
 TARGETS = {"lora_tokens_per_s_vs_peft": 2.0, "lora_peak_rss_vs_peft_max": 0.6, "full_tokens_per_s_vs_plain": 1.5,
            "pet_tokens_per_s_vs_peer": 2.0}
 # glibc's environment form of tunelab.train.memory.keep_freed_memory (KEEP_TRIM_THRESHOLD, KEEP_MMAP_THRESHOLD)
-KEEP_FREED_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_MMAP_THRESHOLD_": str(1 << 30)}
+KEEP_FREED_MEMORY_ENV = {"MALLOC_TRIM_THRESHOLD_": str(2**31 - 1), "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
 # AdapterHub `adapters` 1.x needs transformers 4.x: its worker runs under this interpreter (a venv with torch,
 # transformers 4.57 and adapters 1.3; see bench/README.md). Unset or missing: the adapters rows are skipped.
 ADAPTERS_PYTHON = os.environ.get("TUNELAB_ADAPTERS_PYTHON", "")

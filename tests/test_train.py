@@ -339,7 +339,7 @@ def test_keep_freed_memory_sets_glibc_trim_and_mmap_thresholds(monkeypatch):
     seen = []
     monkeypatch.setattr(memory, "_mallopt", lambda p, v: seen.append((p, v)) or True)
     assert memory.keep_freed_memory()
-    assert seen == [(memory.M_TRIM_THRESHOLD, 2**31 - 1), (memory.M_MMAP_THRESHOLD, 1 << 30)]
+    assert seen == [(memory.M_TRIM_THRESHOLD, 2**31 - 1), (memory.M_MMAP_THRESHOLD, 32 << 20)]
     monkeypatch.undo()
     assert memory.keep_freed_memory() == hasattr(ctypes.CDLL(None), "mallopt")  # glibc takes both values
 
