@@ -351,3 +351,25 @@ def test_set_mmap_threshold_is_glibc_mallopt():
 
     has_mallopt = hasattr(ctypes.CDLL(None), "mallopt")
     assert set_mmap_threshold(32 * 1024 * 1024) == has_mallopt  # 32 MiB: glibc's own ceiling, harmless here
+
+
+def test_benchmark_peers_get_the_glibc_setting_of_keep_freed_memory():
+    """bench/train_throughput.py (standard library only) repeats the two thresholds for its *-keepmem peers."""
+    import importlib.util
+
+    from tunelab.train import memory
+
+    bench = Path(__file__).resolve().parent.parent / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_train_throughput", bench / "train_throughput.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up there
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+        sys.modules.pop("bench_train_throughput", None)
+    want = {"MALLOC_TRIM_THRESHOLD_": str(memory.KEEP_TRIM_THRESHOLD),
+            "MALLOC_MMAP_THRESHOLD_": str(memory.KEEP_MMAP_THRESHOLD)}
+    env = module.KEEP_FREED_MEMORY_ENV
+    assert env == want
