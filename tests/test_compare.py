@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-from tunelab.compare import compare, load_compare
+from tunelab.study.compare import compare, load_compare
 from tunelab.config import ConfigError
 
 

@@ -26,7 +26,7 @@ def test_example_configs_validate(path):
 
 @pytest.mark.parametrize("path", COMPARE_CONFIGS, ids=[p.name for p in COMPARE_CONFIGS])
 def test_example_compare_configs_validate(path):
-    from tunelab.compare import load_compare
+    from tunelab.study.compare import load_compare
 
     cfg = load_compare(path)
     assert len(cfg.methods) >= 2 and cfg.eval.tasks
@@ -34,7 +34,7 @@ def test_example_compare_configs_validate(path):
 
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=[p.name for p in SWEEP_CONFIGS])
 def test_example_sweep_configs_validate(path):
-    from tunelab.sweep import load_sweep
+    from tunelab.study.lr_search import load_sweep
 
     cfg = load_sweep(path)
     assert cfg.methods and all(r.lrs for r in cfg.methods) and cfg.eval.tasks

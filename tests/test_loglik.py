@@ -365,8 +365,10 @@ def test_label_word_item_scores_the_trained_answer_format():
 
     prompt = render_prompt(Record(ARC, "", "the correct answer is answer2"), "alpaca")
     item = label_word_item(prompt, ARC, "Answer2", "the correct answer is")
-    assert item.context == prompt + "the correct answer is" and prompt.endswith("### Response:\n")
-    assert item.options == [" answer1", " answer2", " answer3", " answer4"] and item.gold == 1
+    # the context is exactly the training prompt (ReFT intervenes on its last positions, as in training); the fixed
+    # prefix is part of every option
+    assert item.context == prompt and prompt.endswith("### Response:\n")
+    assert item.options == [f"the correct answer is answer{k}" for k in range(1, 5)] and item.gold == 1
     assert label_word_item("P: ", BOOLQ, "false").options == ["true", "false"]
     with pytest.raises(ValueError, match=r"x\.json:7: .*gold answer 'answer9'"):
         label_word_item(prompt, ARC, "answer9", where="x.json:7")
@@ -389,6 +391,6 @@ def test_label_words_task_uses_the_runs_template(tmp_path):
     summary = evaluate_task(model, tok, spec, EvalOptions(out_dir=str(tmp_path)), default_template="plain")
     assert summary["n"] == 3 and summary["template"] == "plain"
     [row, *_] = [_json.loads(x) for x in (tmp_path / "lw.jsonl").read_text().splitlines()]
-    context = f"{ARC}\nthe correct answer is"
-    by_hand = continuation_logprobs(model, tok, [(context, f" answer{k}") for k in range(1, 5)])
+    context = f"{ARC}\n"
+    by_hand = continuation_logprobs(model, tok, [(context, f"the correct answer is answer{k}") for k in range(1, 5)])
     assert row["logprobs"] == pytest.approx([lp for lp, _ in by_hand], abs=1e-4)

@@ -299,7 +299,7 @@ def test_exact_match_is_case_sensitive() -> None:
 
 
 def test_registry_names_and_unknown_parser() -> None:
-    assert set(PARSERS) == {"number", "letter", "label", "exact"}
+    assert set(PARSERS) == {"number", "letter", "label", "exact", "equation", "option"}
     with pytest.raises(ValueError, match="exact, label, letter, number"):
         get_parser("regex")
     with pytest.raises(ValueError, match="unknown parser"):

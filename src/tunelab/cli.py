@@ -61,15 +61,28 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="fp32", help="fp32 (default: batch-invariant greedy decoding) or bf16")
     e.add_argument("--out", help="output folder for per-example JSONL and summaries (default: RUN/eval or eval/)")
     e.add_argument("--allow-base-mismatch", action="store_true")
+    e.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
+                   help="leave out test questions that also occur in this training/dev file (normalised text; "
+                        "repeatable; a JSONL of instruction records, as `tunelab suite` writes)")
 
     c = sub.add_parser("compare", help="train several methods on the same data and budget; one table")
     c.add_argument("config", help="compare YAML (see configs/compare-*.yaml)")
     c.add_argument("--rerun", action="store_true", help="redo rows that finished earlier")
 
     sw = sub.add_parser("sweep-lr", help="train each method at a grid of learning rates; keep the best on a dev split")
-    sw.add_argument("config", help="sweep YAML (see configs/sweep-lr-*.yaml and tunelab.sweep)")
+    sw.add_argument("config", help="sweep YAML (see configs/sweep-lr-*.yaml and tunelab.study.lr_search)")
     sw.add_argument("--rerun", action="store_true", help="redo points that finished earlier")
 
+    su = sub.add_parser("suite", help="a real-data suite under the protocol: LR search on a dev split, seeds, "
+                                      "decontaminated tests, base and baselines, paired intervals (resumable)")
+    su.add_argument("config", help="suite YAML (configs/suites/*.yaml; see tunelab.study.suite)")
+    su.add_argument("--data-dir", required=True, help="folder of the data sets (LLM-Adapters layout)")
+    su.add_argument("--scale", default="small", help="which of the suite's scales to run (default: small)")
+    su.add_argument("--out", help="study folder (default: runs/suite-NAME-SCALE); rerun to continue")
+    su.add_argument("--rows", help="comma-separated row labels to run now (default: the scale's rows)")
+    su.add_argument("--report-only", action="store_true", help="rebuild the report from the store; train nothing")
+    su.add_argument("--report-dir", help="also write the report (results.json, table.md, chart.png) here")
+    su.add_argument("--retry-failed", action="store_true", help="run failed units again")
     ts = sub.add_parser("tasks", help="list the evaluation tasks")
     ts.add_argument("--tasks-dir", action="append", default=[], help="extra folder of task YAML files")
 
@@ -166,13 +179,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def seen_questions(paths: Sequence[str]) -> frozenset[str]:
+    """Question keys of the records in ``paths`` (tunelab.data.contamination), for --decontaminate."""
+    from tunelab.data import load_source
+    from tunelab.data.contamination import keys
+
+    return frozenset().union(*(keys(load_source(p)[0]) for p in paths))
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.eval.harness import EvalOptions, evaluate, format_summary
     from tunelab.runs import is_run_dir
 
     out = args.out or (str(Path(args.target) / "eval") if is_run_dir(args.target) else "eval")
     opts = EvalOptions(data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
-                       template=args.template, out_dir=out)
+                       template=args.template, out_dir=out, exclude=seen_questions(args.decontaminate))
     summaries = evaluate(args.target, args.task, opts, dtype=args.dtype, tasks_dirs=args.tasks_dir,
                          allow_base_mismatch=args.allow_base_mismatch)
     for s in summaries:
@@ -182,7 +203,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from tunelab.compare import compare, load_compare
+    from tunelab.study.compare import compare, load_compare
 
     results = compare(args.config, rerun=args.rerun)
     out = Path(load_compare(args.config).output_dir)
@@ -192,11 +213,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep_lr(args: argparse.Namespace) -> int:
-    from tunelab.sweep import format_best, load_sweep, sweep
+    from tunelab.study.lr_search import format_best, load_sweep, sweep
 
     best = sweep(args.config, rerun=args.rerun)
     print(format_best(Path(load_sweep(args.config).output_dir)))
     return 0 if all("error" not in r for r in best) else 1
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from tunelab.scaling.store import Store
+    from tunelab.study.report import write_report
+    from tunelab.study.suite import open_suite, run_suite
+
+    run = open_suite(args.config, args.data_dir, args.scale, args.out)
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",") if r.strip()]
+        unknown = sorted(set(wanted) - {r.label for r in run.cfg.rows})
+        if unknown:
+            print(f"error: --rows names unknown rows {unknown}; rows: {[r.label for r in run.cfg.rows]}",
+                  file=sys.stderr)
+            return 2
+        run.scale.rows = wanted
+    if not args.report_only:
+        run_suite(run, retry_failed=args.retry_failed)
+    store = Store(run.out / "study.sqlite", create=False)
+    command = "tunelab " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("tunelab") else None
+    folder = write_report(run, store, command=command)
+    if args.report_dir:
+        write_report(run, store, Path(args.report_dir), command=command)
+    print((folder / "table.md").read_text())
+    return 0
 
 
 def cmd_tasks(args: argparse.Namespace) -> int:
@@ -228,6 +274,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
             "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize, "sweep-lr": cmd_sweep_lr,
+            "suite": cmd_suite,
             **SCALING_COMMANDS}
 
 

@@ -18,6 +18,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from tunelab.data.formats import FORMATS
+
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
@@ -56,6 +58,7 @@ class DataSection:
     limit: int | None = None  # use at most this many training records
     template: str = "alpaca"  # alpaca, plain, chat, or a format string with {instruction} and {input}
     fields: FieldsSection = field(default_factory=FieldsSection)
+    format: str = "as-is"  # row format of train/eval files: as-is, mc-text, mawps (tunelab.data.formats)
     max_length: int = 512
     train_on_prompt: bool = False
     packing: bool = False
@@ -67,6 +70,8 @@ class DataSection:
             raise ConfigError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.max_length < 2:
             raise ConfigError(f"data.max_length must be at least 2, got {self.max_length}")
+        if self.format not in FORMATS:
+            raise ConfigError(f"data.format {self.format!r} is not a row format.{suggest(self.format, FORMATS)}")
 
 
 @dataclass
@@ -184,6 +189,8 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
+        if data["data"]["format"] == "as-is":  # runs without a row format keep the config hash they always had
+            del data["data"]["format"]
         if data["quantize"] is None:  # unquantized runs keep the config (and config hash) they always had
             del data["quantize"]
         else:  # so do quantized runs that leave the embedding in bf16 (the options added with it are dropped)

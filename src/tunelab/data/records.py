@@ -11,6 +11,7 @@ Every record remembers the file and the 1-based line where its row starts, so th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from bisect import bisect_right
@@ -49,13 +50,18 @@ class FieldMap:
 
 @dataclass(frozen=True)
 class Record:
-    """One instruction example; ``source`` is the file path and ``line`` the 1-based line of its row."""
+    """One instruction example; ``source`` is the file path and ``line`` the 1-based line of its row.
+
+    ``options`` holds the answer options of a multiple-choice record whose ``output`` is the text of one of them
+    (the ``mc-text`` format, ``tunelab.data.formats``); empty for every other record.
+    """
 
     instruction: str
     input: str
     output: str
     source: str = ""
     line: int = 0
+    options: tuple[str, ...] = ()
 
 
 @dataclass
@@ -70,8 +76,11 @@ class BadRow:
         return f"{self.source}:{self.line}: {self.reason}"
 
 
-class _RowError(Exception):
-    """A bad row: reason (without file:line), the field at fault and the fix to suggest."""
+class RowError(Exception):
+    """A bad row: reason (without file:line), the field at fault and the fix to suggest.
+
+    Raised by row formats (``tunelab.data.formats``) too; :func:`load_records` adds the file and line.
+    """
 
     def __init__(self, reason: str, field: str | None = None, fix: str = "") -> None:
         super().__init__(reason)
@@ -80,8 +89,12 @@ class _RowError(Exception):
         self.fix = fix
 
 
+RowFormat = Callable[[dict[str, Any], FieldMap], Record]
+
+
 def load_records(
-    path: str | Path, fields: FieldMap = FieldMap(), *, skip_bad_rows: bool = False
+    path: str | Path, fields: FieldMap = FieldMap(), *, skip_bad_rows: bool = False,
+    row_format: RowFormat | None = None,
 ) -> tuple[list[Record], list[BadRow]]:
     """Read instruction records from a JSON array or JSONL file.
 
@@ -89,6 +102,8 @@ def load_records(
     not a string, an empty output) raises :class:`DataError` naming ``file:line`` and the field, unless
     ``skip_bad_rows`` is set, in which case it is reported in ``bad_rows``. A JSON array that is broken
     mid-way always raises: after a syntax error the rows that follow cannot be found reliably.
+    ``row_format`` (``tunelab.data.formats.get_format``) turns each JSON object into the record instead of the
+    plain field mapping; the errors it raises get the same ``file:line``.
     """
     source = str(path)
     text = _read_text(Path(path), source)
@@ -98,8 +113,8 @@ def load_records(
     for line, row in _iter_rows(text, source):
         n_rows += 1
         try:
-            records.append(_to_record(row, fields, source, line))
-        except _RowError as err:
+            records.append(_to_record(row, fields, source, line, row_format))
+        except RowError as err:
             if not skip_bad_rows:
                 raise DataError(
                     f"{source}:{line}: {err.reason}. {err.fix}, {_SKIP_HINT}",
@@ -135,7 +150,7 @@ def _read_text(path: Path, source: str) -> str:
         ) from None
 
 
-def _iter_rows(text: str, source: str) -> Iterator[tuple[int, Any | _RowError]]:
+def _iter_rows(text: str, source: str) -> Iterator[tuple[int, Any | RowError]]:
     """Yield ``(line, parsed_row_or_error)`` for each row; the layout is chosen from the first character."""
     stripped = text.lstrip()
     if stripped.startswith("["):
@@ -143,7 +158,7 @@ def _iter_rows(text: str, source: str) -> Iterator[tuple[int, Any | _RowError]]:
     return _iter_jsonl(text, source)
 
 
-def _iter_jsonl(text: str, source: str) -> Iterator[tuple[int, Any | _RowError]]:
+def _iter_jsonl(text: str, source: str) -> Iterator[tuple[int, Any | RowError]]:
     for number, raw in enumerate(text.splitlines(), start=1):
         if not raw.strip():
             continue
@@ -154,7 +169,7 @@ def _iter_jsonl(text: str, source: str) -> Iterator[tuple[int, Any | _RowError]]
                 _raise_if_single_object(text, source)
             yield (
                 number,
-                _RowError(
+                RowError(
                     f"not valid JSON ({err.msg} at column {err.colno})",
                     fix="Each line of a JSONL file must hold one complete JSON object; fix the line",
                 ),
@@ -177,7 +192,7 @@ def _raise_if_single_object(text: str, source: str) -> None:
         )
 
 
-def _iter_json_array(text: str, source: str) -> Iterator[tuple[int, Any | _RowError]]:
+def _iter_json_array(text: str, source: str) -> Iterator[tuple[int, Any | RowError]]:
     """Decode a JSON array element by element, so each element keeps the line where it starts."""
     line_starts = [0] + [m.end() for m in re.finditer("\n", text)]
 
@@ -228,37 +243,51 @@ def _skip_ws(text: str, pos: int) -> int:
     return pos
 
 
-def _to_record(row: Any, fields: FieldMap, source: str, line: int) -> Record:
-    """Check one parsed row and turn it into a :class:`Record` (raises :class:`_RowError`)."""
-    if isinstance(row, _RowError):
+def _to_record(row: Any, fields: FieldMap, source: str, line: int, row_format: RowFormat | None = None) -> Record:
+    """Check one parsed row and turn it into a :class:`Record` (raises :class:`RowError`)."""
+    if isinstance(row, RowError):
         raise row
     if not isinstance(row, dict):
-        raise _RowError(
+        raise RowError(
             f"row is a JSON {_json_type(row)}, expected an object with fields "
             f"'{fields.instruction}' and '{fields.output}'",
             fix="Each row must be a JSON object; fix the row",
         )
-    instruction = _get_field(row, fields.instruction, "instruction", required=True)
-    inp = _get_field(row, fields.input, "input", required=False)
-    output = _get_field(row, fields.output, "output", required=True)
+    if row_format is not None:
+        return dataclasses.replace(row_format(row, fields), source=source, line=line)
+    instruction = get_field(row, fields.instruction, "instruction", required=True)
+    inp = get_field(row, fields.input, "input", required=False)
+    output = get_field(row, fields.output, "output", required=True)
     if not output.strip():
-        raise _RowError(
+        raise RowError(
             f"field '{fields.output}' is empty",
             field=fields.output,
             fix="Every row needs a non-empty response to train on; fill it in or remove the row",
         )
-    return Record(instruction=instruction, input=inp, output=output, source=source, line=line)
+    return Record(instruction=instruction, input=inp, output=output, source=source, line=line,
+                  options=_options(row))
+
+
+def _options(row: dict[str, Any]) -> tuple[str, ...]:
+    """The ``options`` list a row may carry (written by the mc-text format), as a tuple of strings."""
+    value = row.get("options")
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RowError(f"field 'options' is a JSON {_json_type(value)}, expected a list of strings",
+                       field="options", fix="Write the options as a JSON list of strings or drop the field")
+    return tuple(value)
 
 
 _ROLE_WORDS = {"instruction": "instruction", "input": "optional input", "output": "response"}
 
 
-def _get_field(row: dict[str, Any], name: str, role: str, *, required: bool) -> str:
+def get_field(row: dict[str, Any], name: str, role: str, *, required: bool) -> str:
     if name not in row:
         if not required:
             return ""
         present = ", ".join(row) or "none"
-        raise _RowError(
+        raise RowError(
             f"missing field '{name}' (fields present: {present})",
             field=name,
             fix=f"Set data.fields.{role} to the name of the {_ROLE_WORDS[role]} field",
@@ -267,7 +296,7 @@ def _get_field(row: dict[str, Any], name: str, role: str, *, required: bool) -> 
     if value is None and not required:
         return ""
     if not isinstance(value, str):
-        raise _RowError(
+        raise RowError(
             f"field '{name}' is a JSON {_json_type(value)} ({_short(value)}), expected a string",
             field=name,
             fix=f"Write the value as a JSON string (e.g. {json.dumps(_short(value))}) or set "

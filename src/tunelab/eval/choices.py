@@ -22,13 +22,20 @@ Styles (``DATASET_STYLES`` maps the LLM-Adapters folder names to them):
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
-__all__ = ["DATASET_STYLES", "STYLES", "MCItem", "label_word_item", "mc_item_from_record", "style_for_dataset"]
+from tunelab.data.mc import ParseError as _ParseError
+from tunelab.data.mc import gold_index as _gold_index
+from tunelab.data.mc import split_format as _split_format
+from tunelab.data.mc import split_options as _options
+from tunelab.data.mc import stem as _stem
+
+__all__ = ["DATASET_STYLES", "STYLES", "MCItem", "label_word_item", "mc_item_from_record", "style_for_dataset",
+           "trained_item"]
 
 STYLES = ("labeled", "boolq", "winogrande")
-LABEL_WORDS = "label-words"  # the style of label_word_item: the trained format, scored without generating
+LABEL_WORDS = "label-words"  # the style of label_word_item: the trained label format, scored without generating
+TRAINED = "trained"  # the style of trained_item: an mc-text record's option texts after its training prompt
 
 DATASET_STYLES: dict[str, str] = {
     "boolq": "boolq",
@@ -94,9 +101,9 @@ def style_for_dataset(name: str) -> str:
 def label_word_item(prompt: str, instruction: str, gold_label: str, prefix: str = "", where: str = "") -> MCItem:
     """The LLM-Adapters answer as a fine-tuned model writes it, scored instead of generated.
 
-    Context: ``prompt`` (the instruction rendered with the run's training template) followed by ``prefix`` (the
-    fixed start of every answer, ``"the correct answer is"`` in LLM-Adapters' commonsense sets); options: the label
-    words of the "Answer format:" line (``" answer1"``, ``" answer2"``, ...). This is the generation task's metric
+    Context: ``prompt`` (the instruction rendered with the run's training template); options: ``prefix`` (the
+    fixed start of every answer, ``"the correct answer is"`` in LLM-Adapters' commonsense sets) followed by each
+    label word of the "Answer format:" line (``"the correct answer is answer1"``, ...). This is the generation task's metric
     without its failure modes (a wrong format, running past the answer): it tells which label the model prefers
     in the format it was trained on.
     """
@@ -106,8 +113,21 @@ def label_word_item(prompt: str, instruction: str, gold_label: str, prefix: str 
     except _ParseError as err:
         prefix_where = f"{where}: " if where else ""
         raise ValueError(f"{prefix_where}cannot read the label words of a {LABEL_WORDS!r} item: {err}") from None
-    sep = " " if prefix else ""
-    return MCItem(context=prompt + prefix, options=[f"{sep}{label}" for label in labels], gold=gold, labels=labels)
+    # The fixed prefix is part of every option, not of the context: the context is then exactly the training prompt,
+    # so methods that act on the prompt's last positions (ReFT) intervene where they were trained to. The prefix
+    # adds the same log-probability to every option, so acc is unchanged for every other method.
+    lead = f"{prefix} " if prefix else ""
+    return MCItem(context=prompt, options=[f"{lead}{label}" for label in labels], gold=gold, labels=labels)
+
+
+def trained_item(prompt: str, options: tuple[str, ...], gold_text: str, where: str = "") -> MCItem:
+    """An mc-text record (``tunelab.data.formats``) scored in its training format: each option's text after the
+    training prompt, which is where the fine-tuned model writes its answer (log p(option | prompt))."""
+    if gold_text not in options:
+        prefix_where = f"{where}: " if where else ""
+        raise ValueError(f"{prefix_where}a {TRAINED!r} item needs a record with options (data format mc-text) whose "
+                         f"answer is one of them; got answer {gold_text!r} and options {list(options)}")
+    return MCItem(context=prompt, options=list(options), gold=options.index(gold_text), labels=list(options))
 
 
 def mc_item_from_record(instruction: str, gold_label: str, style: str, where: str = "") -> MCItem:
@@ -127,56 +147,6 @@ def mc_item_from_record(instruction: str, gold_label: str, style: str, where: st
             f"{prefix}cannot read a {style!r} multiple-choice item: {err}. Instruction starts "
             f"{instruction[:80]!r}"
         ) from None
-
-
-class _ParseError(Exception):
-    """Why an instruction does not fit its style (mc_item_from_record adds the record's place)."""
-
-
-_FORMAT = re.compile(r"answer format:[ \t]*(?P<labels>[^\n]*?)\s*\Z", re.IGNORECASE)
-_LEAD = re.compile(r"^please\b.*?\b(?:question|sentence):\s*", re.IGNORECASE | re.DOTALL)
-_LABEL = re.compile(r"(?P<prefix>[a-z]+)(?P<k>\d+)")
-
-
-def _split_format(instruction: str) -> tuple[str, list[str]]:
-    """(text before the "Answer format:" line, the label words it lists)."""
-    match = _FORMAT.search(instruction.rstrip())  # anchored at the end: the line that ends the prompt
-    if match is None:
-        raise _ParseError("no 'Answer format: a/b/...' line")
-    labels = [label.strip().lower() for label in match["labels"].split("/")]
-    return instruction[: match.start()], labels
-
-
-def _options(body: str, labels: list[str]) -> tuple[str, list[str]]:
-    """(text before the first ``<Label>1:`` marker, the text after each marker) for labels prefix1..prefixN."""
-    expected = [f"{labels[0].rstrip('0123456789')}{k}" for k in range(1, len(labels) + 1)]
-    if len(labels) < 2 or labels != expected or not _LABEL.fullmatch(labels[0]):
-        raise _ParseError(f"answer format {'/'.join(labels)!r} is not <word>1/<word>2/...")
-    spans, pos = [], 0
-    for label in labels:
-        marker = re.compile(rf"\b{re.escape(label)}\s*:\s*", re.IGNORECASE).search(body, pos)
-        if marker is None:
-            raise _ParseError(f"no '{label.capitalize()}:' option after position {pos}")
-        spans.append(marker.span())
-        pos = marker.end()
-    ends = [start for start, _ in spans[1:]] + [len(body)]
-    texts = [body[end:nxt].strip() for (_, end), nxt in zip(spans, ends, strict=True)]
-    if not all(texts):
-        raise _ParseError(f"option {labels[texts.index('')]!r} is empty")
-    return body[: spans[0][0]], texts
-
-
-def _gold_index(gold_label: str, labels: list[str]) -> int:
-    if gold_label not in labels:
-        raise _ParseError(f"gold answer {gold_label!r} is not one of the labels {'/'.join(labels)}")
-    return labels.index(gold_label)
-
-
-def _stem(head: str) -> str:
-    stem = _LEAD.sub("", head, count=1).strip()
-    if not stem:
-        raise _ParseError("empty question")
-    return stem
 
 
 def _labeled(instruction: str, gold_label: str) -> MCItem:

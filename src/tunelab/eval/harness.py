@@ -21,7 +21,7 @@ from tunelab.data import Record, encode_prompts, tokenize_records
 from tunelab.eval.generate import GenerationSettings, generate_ids
 from tunelab.eval.metrics import perplexity, summarize_accuracy
 from tunelab.eval.parsers import PARSERS
-from tunelab.eval.tasks import TaskSpec, discover_tasks, get_task, load_examples
+from tunelab.eval.tasks import TaskSpec, discover_tasks, get_task, select_examples
 from tunelab.runs import atomic_write_json, atomic_write_text
 
 
@@ -32,6 +32,7 @@ class EvalOptions:
     batch_size: int = 16
     template: str | None = None  # overrides the task's template (a run's training template by default)
     out_dir: str | None = None
+    exclude: frozenset[str] = frozenset()  # normalised question texts to leave out (tunelab.data.contamination)
 
 
 def _rows_to_jsonl(rows: Sequence[dict[str, Any]]) -> str:
@@ -55,26 +56,36 @@ def run_generate(model: Any, tok: Any, spec: TaskSpec, records: list[Record], op
     settings = GenerationSettings(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, stop=list(g.stop),
                                   batch_size=opts.batch_size)
     outputs = generate_ids(model, tok, prompt_ids, settings)
+    takes_choices = "choices" in parser.parse_options  # the option parser reads each record's own options
     rows = []
     for i, (r, ids, out) in enumerate(zip(records, prompt_ids, outputs, strict=True)):
-        answer = parser.parse(out.text, **options)
-        rows.append({"i": i, "line": r.line, "prompt": tok.decode(ids), "output": out.text, "parsed": answer,
-                     "gold": r.output, "correct": bool(parser.score(answer, r.output, **options)),
-                     "n_tokens": out.n_tokens})
+        row_options = {**options, "choices": r.options} if takes_choices else options
+        answer = parser.parse(out.text, **row_options)
+        row = {"i": i, "line": r.line, "prompt": tok.decode(ids), "output": out.text, "parsed": answer,
+               "gold": r.output, "correct": bool(parser.score(answer, r.output, **row_options)),
+               "n_tokens": out.n_tokens}
+        if r.options:
+            row.update(pred_index=r.options.index(answer) if answer in r.options else None,
+                       gold_index=r.options.index(r.output))
+        rows.append(row)
     summary = summarize_accuracy([row["correct"] for row in rows])
+    summary["parsed_fraction"] = sum(row["parsed"] not in (None, "") for row in rows) / max(1, len(rows))
     summary["tokens_generated"] = sum(row["n_tokens"] for row in rows)
     return rows, summary
 
 
 def mc_items(spec: TaskSpec, records: list[Record], tok: Any, template: str) -> list[Any]:
-    """The multiple-choice items of a loglik task: neutral-context styles, or label words after the prompt rendered
-    with ``template`` (the run's training template) for style ``label-words``."""
+    """The multiple-choice items of a loglik task: neutral-context styles, or the trained answers after the prompt
+    rendered with ``template`` (the run's training template) for styles ``label-words`` and ``trained``."""
     from tunelab.data.templates import render_prompt
-    from tunelab.eval.choices import LABEL_WORDS, label_word_item, mc_item_from_record
+    from tunelab.eval.choices import LABEL_WORDS, TRAINED, label_word_item, mc_item_from_record, trained_item
 
     if spec.choices.style == LABEL_WORDS:
         return [label_word_item(render_prompt(r, template, tok), r.instruction, r.output, spec.choices.prefix,
                                 where=f"{r.source}:{r.line}") for r in records]
+    if spec.choices.style == TRAINED:
+        return [trained_item(render_prompt(r, template, tok), r.options, r.output, where=f"{r.source}:{r.line}")
+                for r in records]
     return [mc_item_from_record(r.instruction, r.output, spec.choices.style, where=f"{r.source}:{r.line}")
             for r in records]
 
@@ -89,6 +100,7 @@ def run_loglik(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts
     for i, (r, item, res) in enumerate(zip(records, items, results, strict=True)):
         rows.append({"i": i, "line": r.line, "labels": item.labels, "logprobs": res.logprobs,
                      "pred": item.labels[res.pred], "pred_norm": item.labels[res.pred_norm], "gold": r.output,
+                     "pred_index": res.pred, "gold_index": item.gold,
                      "correct": res.correct, "correct_norm": res.correct_norm})
     summary = summarize_accuracy([row["correct"] for row in rows])
     norm = summarize_accuracy([row["correct_norm"] for row in rows])
@@ -122,12 +134,12 @@ def evaluate_task(model: Any, tok: Any, spec: TaskSpec, opts: EvalOptions,
                   default_template: str | None = None) -> dict[str, Any]:
     """Run one task; write its rows and summary under opts.out_dir (if given); return the summary."""
     template = opts.template or default_template or spec.template
-    records = load_examples(spec, opts.data_dir, opts.limit)
+    records, removed = select_examples(spec, opts.data_dir, opts.limit, opts.exclude)
     t0 = time.perf_counter()
     rows, summary = RUNNERS[spec.kind](model, tok, spec, records, opts, template)
     summary = {"task": spec.name, "kind": spec.kind, **summary, "seconds": time.perf_counter() - t0,
-               "template": template if spec.kind != "loglik" or spec.choices.style == "label-words" else None,
-               "limit": opts.limit}
+               "template": template if spec.kind != "loglik" or spec.choices.style in ("label-words", "trained")
+               else None, "limit": opts.limit, "removed_overlap": removed}
     if opts.out_dir:
         out = Path(opts.out_dir)
         atomic_write_text(out / f"{spec.name}.jsonl", _rows_to_jsonl(rows))

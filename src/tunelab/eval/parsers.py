@@ -16,12 +16,16 @@ Tasks declared as data name their parser: ``parser: number`` or ``parser: {name:
 
 from __future__ import annotations
 
+import ast
 import functools
 import math
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from tunelab.data.contamination import normalise
 
 # --------------------------------------------------------------------------------------------------- numbers
 
@@ -93,6 +97,90 @@ def _gold_float(gold: str | float) -> float:
                 f"answers such as '576.0'"
             ) from None
     return float(gold)
+
+
+# --------------------------------------------------------------------------------------------------- equations
+
+_ARITH_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+_EQUATION_SIDE = re.compile(r"^\s*[A-Za-z]+\s*=\s*(?P<rhs>[^=\n]+?)\s*$")
+
+
+def _arith(node: ast.AST) -> float:
+    """Value of an arithmetic expression tree: numbers, + - * /, unary minus, parentheses; nothing else."""
+    if isinstance(node, ast.Expression):
+        return _arith(node.body)
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float) and not isinstance(node.value, bool):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _arith(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _ARITH_OPS:
+        return _ARITH_OPS[type(node.op)](_arith(node.left), _arith(node.right))
+    raise ValueError("not plain arithmetic")
+
+
+def eval_arithmetic(text: str) -> float | None:
+    """The value of ``text`` as plain arithmetic (``(22.0-14.0)/4.0`` -> 2.0), or None when it is not one.
+
+    Parsed with :mod:`ast` and evaluated node by node over numbers and ``+ - * /`` only: no names, calls or
+    powers are evaluated, so model output is never executed. Division by zero and overflow give None.
+    """
+    if len(text) > 500:
+        return None
+    try:
+        value = _arith(ast.parse(text.strip(), mode="eval"))
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def parse_equation(text: str) -> float | None:
+    """The value of the equation a model wrote (``x=((22.0-14.0)/4.0)`` -> 2.0), else the last number.
+
+    Rule: the first non-empty line of the form ``<name> = <expression>`` is evaluated as plain arithmetic
+    (:func:`eval_arithmetic`); when there is none, or it does not evaluate, the answer is the last number in the
+    output (:func:`parse_number`), so a model that writes the result instead of the equation is still read. The
+    target format of the ``mawps`` training format (``tunelab.data.formats``).
+    """
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        m = _EQUATION_SIDE.match(line)
+        value = eval_arithmetic(m["rhs"]) if m else None
+        if value is not None:
+            return value
+        break
+    return parse_number(text)
+
+
+# --------------------------------------------------------------------------------------------------- options
+
+
+def parse_option(text: str, choices: Sequence[str] = ()) -> str | None:
+    """The option (one of ``choices``) that the first line of ``text`` names, or None.
+
+    Rule, on normalised text (:func:`normalise_text`): the option equal to the first non-empty line; else the one
+    option that line starts with (the longest, when several do: "a bacterial population in the bloodstream,
+    because ..."); else the one option that starts with the line, if the line has at least 3 characters (a model
+    that stopped early). Anything else — no option, or an ambiguous one — is no answer. The answer of the mc-text
+    format (``tunelab.data.formats``), whose records carry their options.
+    """
+    line = next((s for s in text.splitlines() if s.strip()), "")
+    said = normalise(line)
+    if not said or not choices:
+        return None
+    norm = {normalise(c): c for c in choices}
+    if said in norm:
+        return norm[said]
+    starts = [n for n in norm if n and (said == n or said.startswith(n + " "))]
+    if starts:
+        return norm[max(starts, key=len)]
+    prefix_of = [n for n in norm if n.startswith(said)]
+    return norm[prefix_of[0]] if len(said) >= 3 and len(prefix_of) == 1 else None
+
+
+def options_match(answer: str | None, gold: str) -> bool:
+    return answer is not None and normalise(answer) == normalise(gold)
 
 
 # --------------------------------------------------------------------------------------------------- letters
@@ -334,6 +422,20 @@ PARSERS: dict[str, ParserSpec] = {
         parse_options=("labels",),
         required=("labels",),
         description="first whole-word label, case-insensitive (true/false, answer1..5, ...)",
+    ),
+    "equation": ParserSpec(
+        "equation",
+        parse_equation,
+        numbers_match,
+        score_options=("tol",),
+        description="value of the first 'x = <arithmetic>' line, else the last number; |pred - gold| <= tol",
+    ),
+    "option": ParserSpec(
+        "option",
+        parse_option,
+        options_match,
+        parse_options=("choices",),
+        description="the option text (of the record's options) that the first line names; mc-text records",
     ),
     "exact": ParserSpec(
         "exact",

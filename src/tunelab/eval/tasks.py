@@ -40,7 +40,7 @@ class TaskGeneration:
 
 @dataclass
 class TaskChoices:
-    style: str = "labeled"  # labeled | boolq | winogrande | label-words (tunelab.eval.choices)
+    style: str = "labeled"  # labeled | boolq | winogrande | label-words | trained (tunelab.eval.choices)
     prefix: str = ""  # label-words: the fixed start of the trained answer, e.g. "the correct answer is"
 
 
@@ -53,6 +53,7 @@ class TaskSpec:
     group: str = ""
     fields: TaskFields = field(default_factory=TaskFields)
     template: str = "alpaca"
+    format: str = "as-is"  # row format of the data file (tunelab.data.formats): as-is, mc-text, mawps
     parser: dict[str, Any] = field(default_factory=lambda: {"name": "exact"})
     generation: TaskGeneration = field(default_factory=TaskGeneration)
     choices: TaskChoices = field(default_factory=TaskChoices)
@@ -104,6 +105,16 @@ def resolve_data(spec: TaskSpec, data_dir: str | Path | None) -> str:
 
 def load_examples(spec: TaskSpec, data_dir: str | Path | None, limit: int | None = None) -> list[Record]:
     """The task's records; ``Record.output`` holds the gold answer (the ``answer`` field by default)."""
+    return select_examples(spec, data_dir, limit)[0]
+
+
+def select_examples(spec: TaskSpec, data_dir: str | Path | None, limit: int | None = None,
+                    exclude: frozenset[str] = frozenset()) -> tuple[list[Record], int]:
+    """(the task's records less those whose question is in ``exclude``, then the first ``limit``; how many were
+    left out). ``exclude`` holds normalised question texts (``tunelab.data.contamination.question_key``)."""
+    from tunelab.data.contamination import question_key
+
     fields = FieldMap(instruction=spec.fields.instruction, input=spec.fields.input, output=spec.fields.answer)
-    records, _ = load_source(resolve_data(spec, data_dir), fields)
-    return records[:limit] if limit is not None else records
+    records, _ = load_source(resolve_data(spec, data_dir), fields, format=spec.format)
+    kept = [r for r in records if question_key(r) not in exclude] if exclude else records
+    return (kept[:limit] if limit is not None else kept), len(records) - len(kept)

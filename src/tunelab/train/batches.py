@@ -41,7 +41,7 @@ class PreparedData:
 def read_source(spec: str, data: DataSection, seed: int) -> tuple[list[Record], list]:
     """Records from a file path or a ``synthetic:NAME:SPLIT:N`` spec."""
     fields = FieldMap(instruction=data.fields.instruction, input=data.fields.input, output=data.fields.output)
-    return load_source(spec, fields, skip_bad_rows=data.skip_bad_rows, seed=seed)
+    return load_source(spec, fields, skip_bad_rows=data.skip_bad_rows, seed=seed, format=data.format)
 
 
 def _held_out(records: list[Record], fraction: float, seed: int) -> tuple[list[Record], list[Record]]:

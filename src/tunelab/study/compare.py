@@ -35,8 +35,7 @@ import yaml
 
 from tunelab.config import ConfigError, apply_overrides, build, config_from_dict, read_yaml
 from tunelab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-BUDGET_KEYS = ("max_steps", "epochs", "batch_size", "grad_accum", "seed")
+from tunelab.study.protocol import BUDGET_KEYS
 
 
 @dataclass
@@ -47,6 +46,7 @@ class CompareEval:
     limit: int | None = None
     batch_size: int = 16
     dtype: str = "fp32"
+    decontaminate: list[str] = field(default_factory=list)  # training/dev files whose questions leave the tests
 
 
 @dataclass
@@ -133,7 +133,8 @@ def run_row(cfg: CompareConfig, row: CompareRow) -> dict[str, Any]:
     tasks = [a for t in cfg.eval.tasks for a in ("--task", t)]
     extra = (["--data-dir", cfg.eval.data_dir] if cfg.eval.data_dir else []) + \
             (["--limit", str(cfg.eval.limit)] if cfg.eval.limit else []) + \
-            [a for d in cfg.eval.tasks_dir for a in ("--tasks-dir", d)]
+            [a for d in cfg.eval.tasks_dir for a in ("--tasks-dir", d)] + \
+            [a for d in cfg.eval.decontaminate for a in ("--decontaminate", d)]
     if tasks:
         code, last = _run([*cli, "eval", str(run_dir), *tasks, *extra, "--batch-size", str(cfg.eval.batch_size),
                            "--dtype", cfg.eval.dtype, "--out", str(row_dir / "eval")], log)
@@ -156,7 +157,7 @@ def _collect(row: CompareRow, run_dir: Path, row_dir: Path, train_wall: float, w
     if summary.is_file():
         for s in json.loads(summary.read_text())["tasks"]:
             result["tasks"][s["task"]] = {k: s.get(k) for k in ("accuracy", "ci_low", "ci_high", "accuracy_norm",
-                                                                 "loss", "n")}
+                                                                 "loss", "n", "parsed_fraction", "removed_overlap")}
     return result
 
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tunelab.config import ConfigError
-from tunelab.sweep import load_sweep, point_label, select_best, sweep
+from tunelab.study.lr_search import load_sweep, point_label, select_best, sweep
 
 
 def _cfg(tmp_path, methods, select="eval_loss", eval_fraction=0.2):
@@ -45,7 +45,7 @@ def test_sweep_trains_every_rate_and_keeps_the_lowest_dev_loss(tmp_path):
 
 
 def test_selection_by_task_accuracy_and_ties_take_the_lower_rate():
-    from tunelab.sweep import SweepConfig, SweepRow
+    from tunelab.study.lr_search import SweepConfig, SweepRow
 
     c = SweepConfig(name="x", base={}, methods=[SweepRow("a", {"name": "lora"}, [1e-3, 1e-2, 1e-1])],
                     select="t")

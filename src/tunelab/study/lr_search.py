@@ -11,7 +11,7 @@
     eval: {tasks: [arc-easy-ll], data_dir: DATA, limit: 500}
     output_dir: runs/sweep
 
-Each (row, rate) point is a row of an ordinary comparison (``tunelab.compare``: own processes, same token budget,
+Each (row, rate) point is a row of an ordinary comparison (``tunelab.study.compare``: own processes, same token budget,
 finished points skipped on a rerun) written under ``OUTPUT/grid/``. Then, per row, the rate with the best
 ``select`` score is kept: ``best.md`` / ``best.csv`` hold one compare row per method at its selected rate, and
 ``lr.png`` plots accuracy (95% interval) against the learning rate for every row and task, the selected rate
@@ -28,8 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.compare import (
-    BUDGET_KEYS,
+from tunelab.config import ConfigError, build, read_yaml
+from tunelab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tunelab.study.compare import (
     CompareConfig,
     CompareEval,
     CompareRow,
@@ -40,10 +41,7 @@ from tunelab.compare import (
     table_rows,
     write_tables,
 )
-from tunelab.config import ConfigError, build, read_yaml
-from tunelab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
-
-DEV_LOSS = "eval_loss"
+from tunelab.study.protocol import BUDGET_KEYS, DEV_LOSS
 
 
 @dataclass

@@ -1,0 +1,417 @@
+"""`tunelab suite SUITE.yaml --data-dir DIR [--scale small|full]`: a real-data comparison under the protocol.
+
+    name: math (MAWPS equations)
+    model: {name: smollm2-135m}
+    data:
+      train: [{path: mawps/trainset.json, format: mawps}]     # relative to --data-dir; several files are mixed
+      dev: {path: mawps/validset.json, format: mawps}         # or dev_fraction: 0.05 (carved from train)
+      template: alpaca
+      max_length: 256
+    train: {batch_size: 8, warmup_ratio: 0.05}                # shared by every row (the step budget: scales)
+    rows:
+      - {label: lora-r8, method: {name: lora, r: 8, alpha: 16}, lrs: [1.0e-4, 3.0e-4, 1.0e-3, 3.0e-3]}
+    eval:
+      sets:                                                   # one test set each; generate and/or loglik task
+        - {name: mawps, generate: mawps-eq}
+      baselines: [first-two-sum]
+    scales:
+      small: {max_steps: 200, seeds: [0], limit: 500}
+      full: {max_steps: 400, seeds: [0, 1, 2]}
+
+What it does, in order, for each row (rows are finished one by one, so a partial study has whole rows):
+
+1. **Data, once.** The training files are read in their row format (``tunelab.data.formats``), duplicate
+   questions dropped, and written with the dev split to ``OUT/data/train.jsonl`` and ``dev.jsonl``; every row
+   trains on exactly those records. Each test set is decontaminated against both (``tunelab.data.contamination``),
+   and the number of questions removed is reported.
+2. **The base**: the untrained model on every task (zero-shot generation in the trained format, log-likelihood),
+   and trivial baselines (``tunelab.study.baselines``) on the same items.
+3. **LR search**: each rate of the row's grid trains once (first seed) and is scored by its dev loss; the best
+   is kept (``tunelab.study.protocol``).
+4. **Seeds**: the chosen rate trains once per seed (the first seed's search run is reused) and is evaluated on
+   every test set.
+5. **Report** (``tunelab.study.report``): tables, chart and JSON from the store, with paired intervals.
+
+Every unit (a base evaluation, a search point, a final seed) is a row of a SQLite store (``OUT/study.sqlite``,
+the store of ``tunelab sweep``): finished units are never run again, and a killed suite continues with the same
+command. ``tunelab runs OUT`` lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tunelab.config import ConfigError, build, read_yaml
+from tunelab.data import FieldMap, Record, load_source
+from tunelab.data.contamination import question_key
+from tunelab.runs import atomic_write_json, atomic_write_text
+from tunelab.scaling.store import Store
+from tunelab.study.compare import (
+    CompareConfig,
+    CompareEval,
+    CompareRow,
+    check_unique_labels,
+    row_config,
+    run_row,
+)
+from tunelab.study.protocol import BUDGET_KEYS, DEV_LOSS, best_rate, grid_problems
+
+
+@dataclass
+class SuiteSource:
+    path: str  # relative to --data-dir, or absolute
+    format: str = "as-is"
+    limit: int | None = None  # at most this many records: a seeded random sample
+
+
+@dataclass
+class SuiteData:
+    train: list[SuiteSource]
+    dev: SuiteSource | None = None
+    dev_fraction: float = 0.0  # carved from the training records when `dev` is not given
+    dev_max: int = 256
+    template: str = "alpaca"
+    max_length: int = 256
+    sample_seed: int = 0
+
+
+@dataclass
+class SuiteRow:
+    label: str
+    method: dict[str, Any]
+    lrs: list[float]
+    train: dict[str, Any] = field(default_factory=dict)
+    quantize: dict[str, Any] | None = None
+
+
+@dataclass
+class SuiteSet:
+    name: str
+    generate: str | None = None  # task scored by generation in the trained format
+    loglik: str | None = None  # task scored by log-likelihood
+    group: str = "test"  # e.g. in-domain / transfer: averages are taken per group
+
+
+@dataclass
+class SuiteEval:
+    sets: list[SuiteSet]
+    baselines: list[str] = field(default_factory=list)
+    batch_size: int = 16
+    dtype: str = "bf16"
+
+
+@dataclass
+class SuiteScale:
+    max_steps: int
+    seeds: list[int] = field(default_factory=lambda: [0])
+    limit: int | None = None  # test items per set (the first N after decontamination; the same for every row)
+    rows: list[str] | None = None  # only these rows (None: all)
+
+
+@dataclass
+class SuiteConfig:
+    name: str
+    data: SuiteData
+    rows: list[SuiteRow]
+    eval: SuiteEval
+    scales: dict[str, SuiteScale]
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "smollm2-135m"})
+    train: dict[str, Any] = field(default_factory=dict)
+    select: str = DEV_LOSS
+    description: str = ""
+
+
+# ------------------------------------------------------------------------------------------------------ config
+
+
+def load_suite(path: str | Path) -> SuiteConfig:
+    """Read and check a suite YAML (rows, grids, budget keys, scales, task names)."""
+    from tunelab.eval.tasks import discover_tasks, get_task
+
+    data, lines = read_yaml(path)
+    cfg = build(SuiteConfig, data, "", lines)
+    cfg.scales = {name: build(SuiteScale, value, f"scales.{name}", lines) for name, value in cfg.scales.items()}
+    check_unique_labels(path, cfg.rows)
+    if cfg.select != DEV_LOSS:
+        raise ConfigError(f"{path}: select must be '{DEV_LOSS}' (the dev split is the only data a rate may be "
+                          f"chosen on), got {cfg.select!r}")
+    fixed = [k for k in ("lr", "max_steps", "epochs", "seed") if k in cfg.train]
+    if fixed:
+        raise ConfigError(f"{path}: train.{fixed[0]} is set by the protocol (the rate by the search, steps and "
+                          f"seeds by the scale); remove it")
+    for row in cfg.rows:
+        bad = [k for k in ("lr", *BUDGET_KEYS) if k in row.train]
+        if bad:
+            raise ConfigError(f"{path}: row '{row.label}' sets train.{bad[0]}; every row shares the budget")
+        if not row.lrs or any(lr <= 0 for lr in row.lrs):
+            raise ConfigError(f"{path}: row '{row.label}': lrs must be positive rates, got {row.lrs}")
+    if not cfg.scales:
+        raise ConfigError(f"{path}: scales needs at least one entry, e.g. small: {{max_steps: 200, seeds: [0]}}")
+    tasks = discover_tasks()
+    for s in cfg.eval.sets:
+        for name in (s.generate, s.loglik):
+            if name is not None:
+                get_task(name, tasks)
+    labels = {r.label for r in cfg.rows}
+    for name, scale in cfg.scales.items():
+        unknown = sorted(set(scale.rows or ()) - labels)
+        if unknown:
+            raise ConfigError(f"{path}: scale '{name}' names unknown rows {unknown}; rows: {sorted(labels)}")
+    return cfg
+
+
+@dataclass
+class SuiteRun:
+    """A suite at one scale, bound to its data directory and output folder."""
+
+    cfg: SuiteConfig
+    scale_name: str
+    data_dir: Path
+    out: Path
+    source: str = ""
+
+    @property
+    def scale(self) -> SuiteScale:
+        return self.cfg.scales[self.scale_name]
+
+    def rows(self) -> list[SuiteRow]:
+        wanted = self.scale.rows
+        return [r for r in self.cfg.rows if wanted is None or r.label in wanted]
+
+    def tasks(self) -> list[str]:
+        return [t for s in self.cfg.eval.sets for t in (s.generate, s.loglik) if t is not None]
+
+
+def open_suite(path: str | Path, data_dir: str | Path, scale: str, out: str | Path | None = None) -> SuiteRun:
+    cfg = load_suite(path)
+    if scale not in cfg.scales:
+        raise ConfigError(f"{path}: no scale {scale!r}; this suite has {', '.join(cfg.scales)}")
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ConfigError(f"--data-dir {data_dir} is not a folder (expected the LLM-Adapters layout, e.g. "
+                          f"{data_dir}/{cfg.data.train[0].path})")
+    default = Path("runs") / f"suite-{Path(path).stem}-{scale}"
+    return SuiteRun(cfg, scale, data_dir, Path(out) if out else default, str(path))
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def _read(run: SuiteRun, src: SuiteSource, rng: random.Random) -> list[Record]:
+    path = Path(src.path) if Path(src.path).is_absolute() else run.data_dir / src.path
+    records, bad = load_source(path, FieldMap(), skip_bad_rows=True, format=src.format)
+    if bad:
+        print(f"[suite] {path}: {len(bad)} rows skipped (first: {bad[0]})", flush=True)
+    if src.limit is not None and len(records) > src.limit:
+        records = rng.sample(records, src.limit)
+    return records
+
+
+def _unique(records: list[Record]) -> list[Record]:
+    seen: set[str] = set()
+    out = []
+    for r in records:
+        key = question_key(r)
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def _jsonl(records: list[Record]) -> str:
+    def row(r: Record) -> dict[str, Any]:
+        d = {"instruction": r.instruction, "input": r.input, "output": r.output}
+        return {**d, "options": list(r.options)} if r.options else d
+
+    return "".join(json.dumps(row(r), ensure_ascii=False) + "\n" for r in records)
+
+
+def prepare_data(run: SuiteRun) -> dict[str, Any]:
+    """Write OUT/data/train.jsonl and dev.jsonl once (later calls reuse them); returns their counts."""
+    folder = run.out / "data"
+    info_path = folder / "info.json"
+    if info_path.is_file():
+        return json.loads(info_path.read_text())
+    d = run.cfg.data
+    rng = random.Random(d.sample_seed)
+    train = _unique([r for src in d.train for r in _read(run, src, rng)])
+    rng.shuffle(train)  # sources mixed (batches are also reshuffled each epoch by the loop)
+    if d.dev is not None:
+        dev_keys = {question_key(r) for r in train}
+        dev = [r for r in _unique(_read(run, d.dev, rng)) if question_key(r) not in dev_keys][: d.dev_max]
+    else:
+        if not 0 < d.dev_fraction < 1:
+            raise ConfigError(f"{run.source}: data needs a dev set: give data.dev or data.dev_fraction in (0, 1)")
+        n_dev = min(d.dev_max, max(1, round(d.dev_fraction * len(train))))
+        dev, train = train[:n_dev], train[n_dev:]
+    atomic_write_text(folder / "train.jsonl", _jsonl(train))
+    atomic_write_text(folder / "dev.jsonl", _jsonl(dev))
+    info = {"train": len(train), "dev": len(dev), "sources": [dataclasses.asdict(s) for s in d.train]}
+    atomic_write_json(info_path, info)
+    return info
+
+
+# ------------------------------------------------------------------------------------------------------ units
+
+
+def _base_config(run: SuiteRun) -> dict[str, Any]:
+    d = run.cfg.data
+    folder = (run.out / "data").resolve()
+    return {"model": dict(run.cfg.model),
+            "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "dev.jsonl"),
+                     "template": d.template, "max_length": d.max_length, "eval_max_examples": d.dev_max},
+            "train": {**run.cfg.train, "max_steps": run.scale.max_steps, "progress": False}}
+
+
+def _compare_eval(run: SuiteRun, tasks: list[str]) -> CompareEval:
+    folder = (run.out / "data").resolve()
+    return CompareEval(tasks=tasks, data_dir=str(run.data_dir.resolve()), limit=run.scale.limit,
+                       batch_size=run.cfg.eval.batch_size, dtype=run.cfg.eval.dtype,
+                       decontaminate=[str(folder / "train.jsonl"), str(folder / "dev.jsonl")])
+
+
+def unit_label(row: str, lr: float, seed: int) -> str:
+    return f"{row}/lr={lr:g}/seed={seed}"
+
+
+def _unit(run: SuiteRun, row: SuiteRow, lr: float, seed: int, tasks: list[str]) -> dict[str, Any]:
+    """The store config of one training unit: a compare row (one method, one rate, one seed)."""
+    base = _base_config(run)
+    base["train"]["seed"] = seed
+    cfg = CompareConfig(name=run.cfg.name, base=base, methods=[], eval=_compare_eval(run, tasks),
+                        output_dir=str((run.out / "runs").resolve()))
+    crow = CompareRow(label=unit_label(row.label, lr, seed), method=dict(row.method), train={**row.train, "lr": lr},
+                      quantize=row.quantize)
+    row_config(cfg, crow)  # validated before anything trains
+    return {"kind": "train", "compare": dataclasses.asdict(cfg), "row": dataclasses.asdict(crow)}
+
+
+def _execute(config: dict[str, Any]) -> dict[str, Any]:
+    """Run one unit's config (train or base) and return its result; raises RuntimeError when it failed."""
+    if config["kind"] == "base":
+        return _execute_base(config)
+    c = config["compare"]
+    cfg = CompareConfig(name=c["name"], base=c["base"], methods=[], eval=CompareEval(**c["eval"]),
+                        output_dir=c["output_dir"])
+    result = run_row(cfg, CompareRow(**config["row"]))
+    if "error" in result:
+        raise RuntimeError(result["error"])
+    return result
+
+
+def _execute_base(config: dict[str, Any]) -> dict[str, Any]:
+    out = Path(config["out"])
+    cmd = [sys.executable, "-m", "tunelab.cli", "eval", config["model"], "--template", config["template"],
+           "--data-dir", config["data_dir"], "--dtype", config["dtype"], "--batch-size", str(config["batch_size"]),
+           "--out", str(out / "eval")]
+    cmd += [a for t in config["tasks"] for a in ("--task", t)]
+    cmd += [a for f in config["decontaminate"] for a in ("--decontaminate", f)]
+    cmd += ["--limit", str(config["limit"])] if config["limit"] else []
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "a", encoding="utf-8") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"base evaluation failed (exit {proc.returncode}); see {out / 'log.txt'}")
+    summary = json.loads((out / "eval" / "summary.json").read_text())
+    return {"label": "base", "tasks": {s["task"]: s for s in summary["tasks"]}}
+
+
+def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, Any]) -> dict[str, Any] | None:
+    """The result of unit ``key``: from the store when it finished earlier, else run now (and recorded).
+
+    Returns None when the unit failed (its error is in the store; ``--retry-failed`` runs it again)."""
+    store.add_runs([(key, config, factors)])
+    while True:
+        done = {r.key: r for r in store.rows() if r.key == key}[key]
+        if done.status == "done":
+            return done.metrics
+        if done.status == "failed":
+            return None
+        claim = store.claim()
+        if claim is None:  # held by a live process (another suite on the same folder)
+            time.sleep(5)
+            continue
+        t0 = time.perf_counter()
+        print(f"[suite] {claim.key}: running", flush=True)
+        try:
+            result = _execute(claim.config)
+        except (RuntimeError, OSError, ValueError) as err:
+            store.fail(claim, str(err), time.perf_counter() - t0)
+            print(f"[suite] {claim.key}: failed: {err}", flush=True)
+            continue
+        store.commit(claim, result, time.perf_counter() - t0)
+        print(f"[suite] {claim.key}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def run_base(run: SuiteRun, store: Store) -> dict[str, Any] | None:
+    folder = (run.out / "data").resolve()
+    config = {"kind": "base", "model": run.cfg.model.get("name", "smollm2-135m"), "template": run.cfg.data.template,
+              "data_dir": str(run.data_dir.resolve()), "dtype": run.cfg.eval.dtype,
+              "batch_size": run.cfg.eval.batch_size, "tasks": run.tasks(), "limit": run.scale.limit,
+              "decontaminate": [str(folder / "train.jsonl"), str(folder / "dev.jsonl")],
+              "out": str((run.out / "base").resolve())}
+    return ensure(store, "base", config, {"phase": "base", "row": "base"})
+
+
+def run_row_units(run: SuiteRun, store: Store, row: SuiteRow) -> dict[str, Any]:
+    """LR search then seeds for one row; returns {"lr", "search": {lr: dev loss}, "seeds": {seed: result}}."""
+    first = run.scale.seeds[0]
+    search = {}
+    for lr in row.lrs:
+        res = ensure(store, f"search/{unit_label(row.label, lr, first)}", _unit(run, row, lr, first, []),
+                     {"phase": "search", "row": row.label, "lr": lr, "seed": first})
+        search[lr] = None if res is None else res.get("eval_loss")
+    lr = best_rate(search)
+    seeds: dict[int, Any] = {}
+    if lr is not None:
+        for seed in run.scale.seeds:
+            seeds[seed] = ensure(store, f"final/{unit_label(row.label, lr, seed)}",
+                                 _unit(run, row, lr, seed, run.tasks()),
+                                 {"phase": "final", "row": row.label, "lr": lr, "seed": seed})
+    return {"lr": lr, "search": search, "seeds": seeds}
+
+
+def run_suite(run: SuiteRun, *, retry_failed: bool = False) -> Path:
+    """Run (or continue) the whole suite at its scale, then write the report; returns the report folder."""
+    from tunelab.study.report import write_report
+
+    for row in run.rows():
+        problems = grid_problems(row.lrs)
+        if problems:
+            print(f"[suite] note: row '{row.label}' grid has {' and '.join(problems)}", flush=True)
+    run.out.mkdir(parents=True, exist_ok=True)
+    info = prepare_data(run)
+    print(f"[suite] data: {info['train']} training and {info['dev']} dev records in {run.out / 'data'}", flush=True)
+    store = Store(run.out / "study.sqlite")
+    store.set_info("suite", {"source": run.source, "scale": run.scale_name, "name": run.cfg.name})
+    if retry_failed:
+        store.reset_failed()
+    run_base(run, store)
+    for row in run.rows():
+        run_row_units(run, store, row)
+        write_report(run, store)  # after every row: a stopped suite still has an up-to-date table
+    return write_report(run, store)
+
+
+def seen_keys(run: SuiteRun) -> frozenset[str]:
+    """Question keys of the suite's training and dev records (what the test sets are decontaminated against)."""
+    from tunelab.data.contamination import keys
+
+    folder = run.out / "data"
+    return keys([r for name in ("train.jsonl", "dev.jsonl") for r in load_source(folder / name)[0]])
+
+
+def base_records(run: SuiteRun, s: SuiteSet) -> list[Record]:
+    """The scored items of a test set, as every row sees them: decontaminated, then the scale's limit."""
+    from tunelab.eval.tasks import discover_tasks, get_task, select_examples
+
+    spec = get_task(s.generate or s.loglik or "", discover_tasks())
+    return select_examples(spec, run.data_dir, run.scale.limit, seen_keys(run))[0]
