@@ -140,3 +140,16 @@ def load_run(run_dir: str | os.PathLike, *, base: str | None = None, allow_base_
     handle.load_state_dict(load_file(str(run_dir / ADAPTER_FILE)))
     model.eval()
     return model, tokenizer, handle, cfg
+
+
+def save_png(fig, path: str | Path, dpi: int = 120) -> None:
+    """Write a matplotlib figure as PNG atomically (a killed process never leaves half a chart), then close it."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -14,6 +14,7 @@ Built-in tasks live in ``tunelab/eval/tasks/``; ``--tasks-dir`` adds a folder of
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -115,6 +116,17 @@ def select_examples(spec: TaskSpec, data_dir: str | Path | None, limit: int | No
     from tunelab.data.contamination import question_key
 
     fields = FieldMap(instruction=spec.fields.instruction, input=spec.fields.input, output=spec.fields.answer)
-    records, _ = load_source(resolve_data(spec, data_dir), fields, format=spec.format)
+    # A row format may find rows it cannot score (an mc-text question with two identical options): those are left
+    # out with a warning naming them; files read as they are stay strict.
+    lenient = spec.format != "as-is"
+    records, bad = load_source(resolve_data(spec, data_dir), fields, format=spec.format, skip_bad_rows=lenient)
+    if bad:
+        shown = "; ".join(map(str, bad[:3])) + (f"; and {len(bad) - 3} more" if len(bad) > 3 else "")
+        print(f"warning: task '{spec.name}': {len(bad)} rows cannot be scored in format {spec.format} and are left "
+              f"out: {shown}", file=sys.stderr)
     kept = [r for r in records if question_key(r) not in exclude] if exclude else records
+    if not kept:
+        raise DataError(f"task '{spec.name}': no item of {resolve_data(spec, data_dir)} is left to score "
+                        f"({len(records)} read, {len(bad)} unreadable in format {spec.format}, "
+                        f"{len(records) - len(kept)} also in the training data)")
     return (kept[:limit] if limit is not None else kept), len(records) - len(kept)

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import ConfigError, apply_overrides, build, config_from_dict, read_yaml
-from tunelab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tunelab.runs import atomic_write_json, atomic_write_text, save_png
 from tunelab.study.protocol import BUDGET_KEYS
 
 
@@ -263,8 +263,4 @@ def _chart(cfg: CompareConfig, results: list[dict[str, Any]], path: Path) -> Non
     ax.set_ylabel("accuracy (%) with 95% CI")
     ax.set_title(cfg.name)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)

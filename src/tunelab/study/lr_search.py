@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import ConfigError, build, read_yaml
-from tunelab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tunelab.runs import atomic_write_json, atomic_write_text, save_png
 from tunelab.study.compare import (
     CompareConfig,
     CompareEval,
@@ -216,11 +216,7 @@ def lr_chart(cfg: SweepConfig, results: dict[str, dict[str, Any]], best: list[di
         ax.set_title(f"{task} (★ best {cfg.select})", fontsize=9)
         ax.legend(fontsize=7)
     fig.suptitle(cfg.name, fontsize=10)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def format_best(out: Path) -> str:

@@ -11,7 +11,6 @@ interval of its difference to the best row of the current tier excludes 0.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import platform
@@ -24,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.eval.metrics import paired_bootstrap_diff, seed_item_ci, stratified_paired_diff
-from tunelab.runs import atomic_write_bytes, atomic_write_json, atomic_write_text
+from tunelab.runs import atomic_write_json, atomic_write_text, save_png
 from tunelab.scaling.store import Store
 from tunelab.study.protocol import at_edge, label_shares, shape_shares
 
@@ -309,11 +308,7 @@ def _chart(result: dict[str, Any], sets: list[Any], path: Path) -> None:
     ax.set_ylabel("accuracy (%), 95% CI over seeds × items")
     ax.set_title(result["suite"], fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path)
 
 
 def write_report(run: Any, store: Store, folder: Path | None = None, command: str | None = None) -> Path:

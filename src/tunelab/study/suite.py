@@ -53,7 +53,7 @@ from tunelab.config import ConfigError, build, read_yaml
 from tunelab.data import FieldMap, Record, load_source
 from tunelab.data.contamination import question_key
 from tunelab.runs import atomic_write_json, atomic_write_text
-from tunelab.scaling.store import Store
+from tunelab.scaling.store import Heartbeat, Store
 from tunelab.study.compare import (
     CompareConfig,
     CompareEval,
@@ -183,8 +183,11 @@ class SuiteRun:
         return self.cfg.scales[self.scale_name]
 
     def rows(self) -> list[SuiteRow]:
-        wanted = self.scale.rows
-        return [r for r in self.cfg.rows if wanted is None or r.label in wanted]
+        """The scale's rows, in the order it names them (all rows in the file's order when it names none)."""
+        if self.scale.rows is None:
+            return list(self.cfg.rows)
+        by_label = {r.label: r for r in self.cfg.rows}
+        return [by_label[label] for label in self.scale.rows]
 
     def tasks(self) -> list[str]:
         return [t for s in self.cfg.eval.sets for t in (s.generate, s.loglik) if t is not None]
@@ -243,6 +246,8 @@ def prepare_data(run: SuiteRun) -> dict[str, Any]:
     d = run.cfg.data
     rng = random.Random(d.sample_seed)
     train = _unique([r for src in d.train for r in _read(run, src, rng)])
+    if not train:
+        raise ConfigError(f"{run.source}: data.train ({', '.join(s.path for s in d.train)}) gave no usable record")
     rng.shuffle(train)  # sources mixed (batches are also reshuffled each epoch by the loop)
     if d.dev is not None:
         dev_keys = {question_key(r) for r in train}
@@ -342,7 +347,8 @@ def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, An
         t0 = time.perf_counter()
         print(f"[suite] {claim.key}: running", flush=True)
         try:
-            result = _execute(claim.config)
+            with Heartbeat(store, claim):  # a long unit is not taken for a dead one by another process's claim
+                result = _execute(claim.config)
         except (RuntimeError, OSError, ValueError) as err:
             store.fail(claim, str(err), time.perf_counter() - t0)
             print(f"[suite] {claim.key}: failed: {err}", flush=True)

@@ -1,0 +1,170 @@
+"""`tunelab suite`: the protocol's rules, the intervals, and a whole suite on a tiny model that resumes from its store."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from tunelab.config import ConfigError
+from tunelab.eval.metrics import bootstrap_ci, seed_item_ci, stratified_paired_diff
+from tunelab.study.protocol import at_edge, best_rate, grid_problems, label_shares, shape_shares
+
+# ------------------------------------------------------------------------------------------------- protocol
+
+
+def test_grid_rules_and_rate_choice():
+    assert grid_problems([1e-4, 4.6e-4, 2.2e-3, 1e-2]) == []
+    assert any("3 rates" in p for p in grid_problems([1e-4, 1e-3, 1e-2]))
+    assert any("1.5 decades" in p for p in grid_problems([1e-4, 3e-4, 1e-3, 3e-3]))
+    assert best_rate({1e-4: 0.5, 1e-3: 0.3, 1e-2: math.nan, 3e-2: None}) == 1e-3
+    assert best_rate({1e-4: 0.3, 1e-3: 0.3}) == 1e-4 and best_rate({1e-3: None}) is None
+    assert at_edge([1e-4, 1e-3, 1e-2], 1e-2) and not at_edge([1e-4, 1e-3, 1e-2], 1e-3)
+
+
+def test_label_shares_flag_the_collapse():
+    gold = [0, 1, 2, 3] * 25
+    assert not label_shares(gold, gold)["collapsed"]
+    collapsed = label_shares([1] * 90 + [0, 2, 3] * 3 + [None], gold)  # 'answer2' everywhere
+    assert collapsed["collapsed"] and collapsed["top"][0] == 1 and collapsed["max_ratio"] > 3
+    assert label_shares([0, 1, 2] * 33 + [0], gold)["missing"] == [3]
+    spread = shape_shares(["x=1+2", "x=3-1", "x=4*2", "x=9/3", "7"], [3, 2, 8, 3, 7])
+    assert spread["parsed"] == 1.0 and not spread["collapsed"]
+    assert shape_shares(["x=1+2"] * 5, [3] * 5)["collapsed"]  # one shape for every problem
+    assert shape_shares(["?"] * 10, [None] * 9 + [1])["collapsed"]  # 10% parsed
+
+
+def test_seed_item_interval_widens_with_seed_spread():
+    rng = np.random.default_rng(0)
+    same = (rng.random((1, 400)) < 0.6).astype(float)
+    # one seed: exactly the item bootstrap's width
+    _, lo, hi = seed_item_ci(same, seed=3)
+    lo1, hi1 = bootstrap_ci(same[0], seed=3)
+    assert abs((hi - lo) - (hi1 - lo1)) < 0.02
+    agree = np.repeat(same, 3, axis=0)
+    disagree = np.stack([same[0], (rng.random(400) < 0.3).astype(float), (rng.random(400) < 0.9).astype(float)])
+    w_agree = np.subtract(*seed_item_ci(agree)[2:0:-1])
+    w_disagree = np.subtract(*seed_item_ci(disagree)[2:0:-1])
+    assert w_disagree > 2 * w_agree
+    with pytest.raises(ValueError, match="matrix"):
+        seed_item_ci([1.0, 0.0])
+
+
+def test_stratified_paired_difference():
+    a, b = np.ones(50), np.zeros(50)
+    diff, lo, hi = stratified_paired_diff([(a, b), (b, b)])
+    assert diff == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+    rng = np.random.default_rng(1)
+    x = (rng.random(300) < 0.5).astype(float)
+    d, lo, hi = stratified_paired_diff([(x, x)])
+    assert d == 0 and lo == 0 and hi == 0  # identical predictions: no difference at all
+    with pytest.raises(ValueError, match="same, non-empty items"):
+        stratified_paired_diff([(np.ones(3), np.ones(4))])
+
+
+# ------------------------------------------------------------------------------------------------- a whole suite
+
+
+def _data_dir(tmp_path):
+    """A data folder in the LLM-Adapters layout: raw MAWPS train/valid, a test set overlapping the train file."""
+    root = tmp_path / "data"
+    (root / "mawps").mkdir(parents=True)
+    (root / "AddSub").mkdir()
+    train = [{"original_text": f"Tom has {a} apples and gets {b} more . How many now ?", "equation": f"X={a}+{b}",
+              "ans": a + b} for a in range(2, 14) for b in (1, 2)]
+    valid = [{"original_text": f"Ann has {a} pears and eats {b} . How many left ?", "equation": f"x={a}-{b}",
+              "ans": a - b} for a in range(5, 11) for b in (1, 2)]
+    (root / "mawps" / "trainset.json").write_text(json.dumps(train))
+    (root / "mawps" / "validset.json").write_text(json.dumps(valid))
+    test = [{"instruction": f"Tom has {a} apples and gets {b} more. How many now?", "input": "", "output": "",
+             "answer": str(a + b)} for a, b in ((2, 1), (3, 2))]  # both are training problems
+    test += [{"instruction": f"Sam has {a} cards and gets {b} more . How many now ?", "input": "", "output": "",
+              "answer": str(a + b)} for a, b in ((20, 3), (30, 4), (40, 5), (50, 6))]
+    (root / "AddSub" / "test.json").write_text(json.dumps(test))
+    return root
+
+
+def _suite(tmp_path, **scale):
+    cfg = {
+        "name": "tiny math suite",
+        "model": {"name": "tiny-llama", "dtype": "fp32"},
+        "data": {"train": [{"path": "mawps/trainset.json", "format": "mawps"}],
+                 "dev": {"path": "mawps/validset.json", "format": "mawps"}, "template": "plain", "max_length": 160},
+        "train": {"batch_size": 4, "threads": 1},
+        "rows": [{"label": "lora", "method": {"name": "lora", "r": 2}, "lrs": [1e-3, 1e-2]}],
+        "eval": {"sets": [{"name": "addsub", "generate": "addsub-eq", "group": "math"}],
+                 "baselines": ["first-two-sum"], "batch_size": 4, "dtype": "fp32"},
+        "scales": {"small": {"max_steps": 2, "seeds": [0, 1], **scale}},
+    }
+    path = tmp_path / "suite.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_suite_end_to_end_and_resume(tmp_path, capsys):
+    from tunelab.scaling.store import Store
+    from tunelab.study.suite import open_suite, run_suite
+
+    run = open_suite(_suite(tmp_path), _data_dir(tmp_path), "small", tmp_path / "out")
+    report = run_suite(run)
+    info = json.loads((run.out / "data" / "info.json").read_text())
+    assert info == {**info, "train": 24, "dev": 12}
+    store = Store(run.out / "study.sqlite", create=False)
+    rows = store.rows()
+    assert all(r.status == "done" for r in rows)
+    # base + 2 search points + 2 seeds (the first seed's training is the search run at the chosen rate)
+    assert sorted(r.factors["phase"] for r in rows) == ["base", "final", "final", "search", "search"]
+    result = json.loads((report / "results.json").read_text())
+    assert result["removed_overlap"] == {"addsub-eq": 2}
+    [lora] = result["rows"]
+    assert lora["lr"] in (1e-3, 1e-2) and lora["seeds"] == [0, 1] and lora["trainable"] > 0
+    stats = lora["tasks"]["addsub-eq"]
+    assert stats["n"] == 4 and stats["seeds"] == 2 and 0 <= stats["ci_low"] <= stats["accuracy"] <= stats["ci_high"]
+    # first-two-sum gets all four decontaminated problems (a + b): the base row is the better of it and the model
+    assert result["baselines"]["first-two-sum"]["addsub"]["accuracy"] == 1.0
+    assert result["base"]["best"]["addsub"] == ["first-two-sum", 1.0]
+    assert lora["vs_base"]["math"][0] <= 0
+    table = (report / "table.md").read_text()
+    assert "addsub-eq 2" in table and "| lora |" in table and "commit" in table
+    assert (report / "chart.png").stat().st_size > 1000
+    # a second run trains and evaluates nothing: every unit is read from the store
+    capsys.readouterr()
+    run_suite(open_suite(_suite(tmp_path), tmp_path / "data", "small", tmp_path / "out"))
+    assert "running" not in capsys.readouterr().out
+
+
+def test_suite_config_errors(tmp_path):
+    from tunelab.study.suite import load_suite, open_suite
+
+    path = _suite(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["rows"][0]["train"] = {"max_steps": 5}
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="row 'lora' sets train.max_steps"):
+        load_suite(path)
+    cfg["rows"][0]["train"] = {}
+    cfg["eval"]["sets"][0]["generate"] = "addsub-equ"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match="Did you mean 'addsub-eq'"):
+        load_suite(path)
+    cfg["eval"]["sets"][0]["generate"] = "addsub-eq"
+    cfg["scales"]["small"]["rows"] = ["lora", "nope"]
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"unknown rows \['nope'\]"):
+        load_suite(path)
+    with pytest.raises(ConfigError, match="no scale 'huge'"):
+        open_suite(_suite(tmp_path), tmp_path, "huge")
+
+
+def test_shipped_suites_validate():
+    from tunelab.study.suite import load_suite
+
+    from conftest import REPO
+
+    for path in sorted((REPO / "configs" / "suites").glob("*.yaml")):
+        cfg = load_suite(path)
+        for row in cfg.rows:
+            assert grid_problems(row.lrs) == [], f"{path.name}: row {row.label}"
