@@ -168,3 +168,14 @@ def test_shipped_suites_validate():
         cfg = load_suite(path)
         for row in cfg.rows:
             assert grid_problems(row.lrs) == [], f"{path.name}: row {row.label}"
+
+
+def test_rows_run_in_the_order_the_scale_names_them(tmp_path):
+    from conftest import REPO
+
+    from tunelab.study.suite import open_suite
+
+    run = open_suite(REPO / "configs" / "suites" / "math.yaml", tmp_path, "small", tmp_path / "out")
+    assert [r.label for r in run.rows()][:3] == ["lora-r8", "loreft-r4", "random-mask-0.1%"]
+    run.scale.rows = ["full", "lora-r8"]
+    assert [r.label for r in run.rows()] == ["full", "lora-r8"]

@@ -41,7 +41,7 @@ from tunelab.study.compare import (
     table_rows,
     write_tables,
 )
-from tunelab.study.protocol import BUDGET_KEYS, DEV_LOSS
+from tunelab.study.protocol import BUDGET_KEYS, DEV_LOSS, best_rate
 
 
 @dataclass
@@ -136,8 +136,7 @@ def select_best(cfg: SweepConfig, results: dict[str, dict[str, Any]]) -> list[di
             best.append({"label": row.label, "method": row.method.get("name"), "lr": None,
                          "error": f"no rate of {row.lrs} finished with a {cfg.select} score"})
             continue
-        top = max(s for s, _ in scored)
-        lr = min(lr for s, lr in scored if s == top)
+        lr = best_rate({lr: -s for s, lr in scored})  # the protocol's rule: best score, the lower rate on a tie
         best.append({**results[point_label(row.label, lr)], "label": row.label, "lr": lr, "select": cfg.select})
     return best
 

@@ -50,7 +50,7 @@ def at_edge(lrs: Sequence[float], chosen: float | None) -> bool:
 
 
 def best_rate(scores: dict[float, float | None]) -> float | None:
-    """The rate with the lowest finite dev loss (the lower rate on a tie); None when none finished."""
+    """The rate with the lowest finite score — the dev loss — (the lower rate on a tie); None when none finished."""
     finite = {lr: s for lr, s in scores.items() if s is not None and math.isfinite(s)}
     if not finite:
         return None
