@@ -179,3 +179,23 @@ def test_rows_run_in_the_order_the_scale_names_them(tmp_path):
     assert [r.label for r in run.rows()][:3] == ["lora-r8", "loreft-r4", "random-mask-0.1%"]
     run.scale.rows = ["full", "lora-r8"]
     assert [r.label for r in run.rows()] == ["full", "lora-r8"]
+
+
+def test_claim_verdicts_from_paired_differences():
+    from types import SimpleNamespace
+
+    from tunelab.study.report import _claim
+
+    sets = [SimpleNamespace(name="s", generate="t", loglik=None, group="g")]
+    good, bad = [1.0] * 40 + [0.0] * 10, [0.0] * 40 + [1.0] * 10
+
+    def row(label, per_item):
+        return {"label": label, "averages": {"g": float(np.mean(per_item))}, "tasks": {"t": {"per_item": per_item}}}
+
+    result = {"rows": [row("a", good), row("b", bad), row("c", good)]}
+    claim = SimpleNamespace(text="a beats b", a="a", b="b")
+    assert _claim(result, sets, claim, "g")["verdict"] == "a better"
+    assert _claim(result, sets, SimpleNamespace(text="", a="b", b="a"), "g")["verdict"] == "a better"
+    same = _claim(result, sets, SimpleNamespace(text="", a="a", b="c"), "g")
+    assert same["diff"] == [0.0, 0.0, 0.0] and same["verdict"].startswith("no difference")
+    assert _claim(result, sets, SimpleNamespace(text="", a="a", b="zz"), "g")["verdict"] == "not measured yet"

@@ -160,7 +160,7 @@ def collect(run: Any, store: Store) -> dict[str, Any]:
             if stats:
                 entry["tasks"][task] = stats
         result["rows"].append(entry)
-    _judge(result, sets)
+    _judge(result, sets, run.cfg.claims)
     return result
 
 
@@ -180,7 +180,27 @@ def _base_best(result: dict[str, Any], s: Any) -> tuple[str, dict[str, Any]] | N
     return max(options, key=lambda kv: kv[1]["accuracy"]) if options else None
 
 
-def _judge(result: dict[str, Any], sets: list[Any]) -> None:
+def _claim(result: dict[str, Any], sets: list[Any], claim: Any, group: str) -> dict[str, Any]:
+    """The paired difference a − b on ``group``'s average and what it says (None while a row is missing)."""
+    rows = {e["label"]: e for e in result["rows"]}
+    a, b = rows.get(claim.a), rows.get(claim.b)
+    out: dict[str, Any] = {"text": claim.text, "a": claim.a, "b": claim.b, "group": group, "diff": None}
+    in_group = [s for s in sets if s.group == group]
+    if not a or not b or group not in a.get("averages", {}) or group not in b.get("averages", {}):
+        out["verdict"] = "not measured yet"
+        return out
+    diff = stratified_paired_diff([(_primary(a, s)["per_item"], _primary(b, s)["per_item"]) for s in in_group])
+    out["diff"] = list(diff)
+    if diff[1] > 0:
+        out["verdict"] = f"{claim.a} better"
+    elif diff[2] < 0:
+        out["verdict"] = f"{claim.b} better"
+    else:
+        out["verdict"] = "no difference detected (the interval includes 0)"
+    return out
+
+
+def _judge(result: dict[str, Any], sets: list[Any], claims: list[Any] = ()) -> None:
     groups = sorted({s.group for s in sets})
     result["groups"] = groups
     base_best = {s.name: _base_best(result, s) for s in sets}
@@ -198,6 +218,7 @@ def _judge(result: dict[str, Any], sets: list[Any]) -> None:
             pairs = [(x["per_item"], base_best[s.name][1]["per_item"]) for x, s in zip(scores, in_group, strict=True)]
             entry["vs_base"][g] = list(stratified_paired_diff(pairs))
     _tiers(result, sets, groups[0] if groups else None)
+    result["claims"] = [_claim(result, sets, c, groups[0]) for c in claims] if groups else []
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -283,6 +304,14 @@ def markdown(result: dict[str, Any], sets: list[Any], header: str) -> str:
                  f"{e['tokens_per_s']:.0f}" if e.get("tokens_per_s") else "–",
                  f"{e['peak_rss_mb']:.0f}" if e.get("peak_rss_mb") else "–"]
         lines.append("| " + " | ".join(cells) + " |")
+    claims = result.get("claims") or []
+    if claims:
+        lines += ["", "Paper claims at this scale (paired difference a − b of the "
+                  f"{result['tier_group']} average, 95%):", "", "| claim | a − b | verdict |", "|---|---|---|"]
+        for c in claims:
+            d = c["diff"]
+            cell = "–" if d is None else f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]"
+            lines.append(f"| {c['text']} ({c['a']} − {c['b']}) | {cell} | {c['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

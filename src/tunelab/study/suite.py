@@ -117,6 +117,15 @@ class SuiteScale:
 
 
 @dataclass
+class SuiteClaim:
+    """A paper's claim about two rows, checked by the paired difference a − b on the first group's average."""
+
+    text: str
+    a: str
+    b: str
+
+
+@dataclass
 class SuiteConfig:
     name: str
     data: SuiteData
@@ -127,6 +136,7 @@ class SuiteConfig:
     train: dict[str, Any] = field(default_factory=dict)
     select: str = DEV_LOSS
     description: str = ""
+    claims: list[SuiteClaim] = field(default_factory=list)
 
 
 # ------------------------------------------------------------------------------------------------------ config
@@ -156,16 +166,21 @@ def load_suite(path: str | Path) -> SuiteConfig:
     if not cfg.scales:
         raise ConfigError(f"{path}: scales needs at least one entry, e.g. small: {{max_steps: 200, seeds: [0]}}")
     tasks = discover_tasks()
-    for s in cfg.eval.sets:
-        for name in (s.generate, s.loglik):
-            if name is not None:
-                get_task(name, tasks)
-    labels = {r.label for r in cfg.rows}
-    for name, scale in cfg.scales.items():
-        unknown = sorted(set(scale.rows or ()) - labels)
-        if unknown:
-            raise ConfigError(f"{path}: scale '{name}' names unknown rows {unknown}; rows: {sorted(labels)}")
+    for name in (t for s in cfg.eval.sets for t in (s.generate, s.loglik) if t is not None):
+        get_task(name, tasks)
+    _check_row_names(path, cfg)
     return cfg
+
+
+def _check_row_names(path: str | Path, cfg: SuiteConfig) -> None:
+    """Claims and scales may name only rows of the suite."""
+    labels = {r.label for r in cfg.rows}
+    named = [(f"claim {c.text!r}", {c.a, c.b}) for c in cfg.claims]
+    named += [(f"scale '{name}'", set(scale.rows or ())) for name, scale in cfg.scales.items()]
+    for what, rows in named:
+        unknown = sorted(rows - labels)
+        if unknown:
+            raise ConfigError(f"{path}: {what} names unknown rows {unknown}; rows: {sorted(labels)}")
 
 
 @dataclass
