@@ -7,8 +7,8 @@ import json
 import pytest
 import yaml
 
-from tunelab.study.compare import compare, load_compare
 from tunelab.config import ConfigError
+from tunelab.study.compare import compare, load_compare
 
 
 def _cfg(tmp_path, methods):

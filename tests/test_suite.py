@@ -171,9 +171,9 @@ def test_shipped_suites_validate():
 
 
 def test_rows_run_in_the_order_the_scale_names_them(tmp_path):
-    from conftest import REPO
-
     from tunelab.study.suite import open_suite
+
+    from conftest import REPO
 
     run = open_suite(REPO / "configs" / "suites" / "math.yaml", tmp_path, "small", tmp_path / "out")
     assert [r.label for r in run.rows()][:3] == ["lora-r8", "loreft-r4", "random-mask-0.1%"]
