@@ -199,3 +199,14 @@ def test_claim_verdicts_from_paired_differences():
     same = _claim(result, sets, SimpleNamespace(text="", a="a", b="c"), "g")
     assert same["diff"] == [0.0, 0.0, 0.0] and same["verdict"].startswith("no difference")
     assert _claim(result, sets, SimpleNamespace(text="", a="a", b="zz"), "g")["verdict"] == "not measured yet"
+
+
+def test_runs_table_lists_suite_units_and_unfinished_ones(tmp_path):
+    """`tunelab runs` reads a suite's store: its units have no scaling factors, and pending ones no metrics."""
+    from tunelab.scaling.report import runs_table
+    from tunelab.scaling.store import Store
+
+    store = Store(tmp_path / "study.sqlite")
+    store.add_runs([("search/lora/lr=0.001/seed=0", {"kind": "train"}, {"phase": "search", "row": "lora", "seed": 0})])
+    table = runs_table(store)
+    assert "search/lora/lr=0.001/seed=0 pending" in table and "lora" in table and "pending: 1" in table

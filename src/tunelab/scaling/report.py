@@ -261,11 +261,12 @@ def runs_table(store: Store, limit: int | None = None) -> str:
     lines = [header]
     for r in store.rows()[:limit]:
         f, m = r.factors, r.metrics or {}
-        nll = m.get("test_nll")
+        nll = m.get("test_nll", m.get("eval_loss"))  # a suite's units (tunelab suite) record the dev loss
         err = (r.error or "").strip().splitlines()[-1][:60] if r.error else ""
-        lines.append(f"{r.key:<20} {r.status:<8} {r.attempts:>3} {f.get('method', ''):<10} {f.get('model', ''):<10} "
+        method = f.get("method", f.get("row", ""))
+        lines.append(f"{r.key:<20} {r.status:<8} {r.attempts:>3} {method:<10} {f.get('model', f.get('phase', '')):<10} "
                      f"{f.get('pet_size') if f.get('pet_size') is not None else '':>5} {f.get('d_f', ''):>6} "
-                     f"{f.get('seed', ''):>4} {nll if nll is None else f'{nll:.4f}':>9} "
+                     f"{f.get('seed', ''):>4} {'' if nll is None else f'{nll:.4f}':>9} "
                      f"{'' if r.seconds is None else f'{r.seconds:.1f}':>8}  {err}")
     counts = store.counts()
     lines.append(" ".join(f"{k}: {v}" for k, v in counts.items()))
