@@ -95,9 +95,9 @@ def _task_stats(rows_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any] | N
 
 def _eval_dirs(run: Any, store: Store, label: str) -> tuple[dict[str, Any], list[Path]]:
     """(facts of a row's final units, their eval folders in seed order)."""
-    finals = [r for r in store.rows() if r.factors.get("phase") == "final" and r.factors.get("row") == label]
-    search = {r.factors["lr"]: r for r in store.rows()
-              if r.factors.get("phase") == "search" and r.factors.get("row") == label}
+    mine = [r for r in store.rows() if r.factors.get("row") == label]
+    finals = [r for r in mine if r.factors.get("phase") == "final"]
+    search = {r.factors["lr"]: r for r in mine if r.factors.get("phase") == "search"}
     done = sorted((r for r in finals if r.status == "done"), key=lambda r: r.factors["seed"])
     facts: dict[str, Any] = {"search": {str(lr): (r.metrics or {}).get("eval_loss") if r.status == "done" else None
                                         for lr, r in sorted(search.items())}}

@@ -350,7 +350,7 @@ def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, An
     Returns None when the unit failed (its error is in the store; ``--retry-failed`` runs it again)."""
     store.add_runs([(key, config, factors)])
     while True:
-        done = {r.key: r for r in store.rows() if r.key == key}[key]
+        done = next(r for r in store.rows() if r.key == key)
         if done.status == "done":
             return done.metrics
         if done.status == "failed":
