@@ -130,6 +130,11 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     assert lora["vs_base"]["math"][0] == pytest.approx(stats["accuracy"] - 1.0)
     table = (report / "table.md").read_text()
     assert "addsub-eq 2" in table and "| lora |" in table and "commit" in table
+    # every unit records the commit of the code that ran it; the header counts units per commit
+    from tunelab.study.provenance import commit
+
+    assert {r.metrics.get("commit") for r in rows} == {commit()}
+    assert result["meta"]["unit_commits"] == {commit() or "unrecorded": 5}
     assert (report / "chart.png").stat().st_size > 1000
     # a second run trains and evaluates nothing: every unit is read from the store
     capsys.readouterr()

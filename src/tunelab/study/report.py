@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,43 +23,13 @@ from tunelab.eval.metrics import paired_bootstrap_diff, seed_item_ci, stratified
 from tunelab.runs import atomic_write_json, atomic_write_text, save_png
 from tunelab.scaling.store import Store
 from tunelab.study.protocol import at_edge, label_shares, shape_shares
+from tunelab.study.provenance import commit, machine
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]] | None:
     if not path.is_file():
         return None
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def machine() -> dict[str, Any]:
-    """CPU model, the bf16 / AMX flags, cores and library versions: which kind of machine a result is from."""
-    import torch
-
-    flags, model = set(), platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    wanted = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
-    import os
-
-    return {"cpu": model, "flags": sorted(f for f in wanted if f in flags), "cores": os.cpu_count(),
-            "torch": torch.__version__, "python": sys.version.split()[0], "platform": platform.platform()}
-
-
-def commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=Path(__file__).parent)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, timeout=10, cwd=Path(__file__).parent).stdout.strip()
-        return out.stdout.strip() + ("+local changes" if dirty else "") if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ------------------------------------------------------------------------------------------------ collection
@@ -340,19 +307,31 @@ def _chart(result: dict[str, Any], sets: list[Any], path: Path) -> None:
     save_png(fig, path)
 
 
+def _unit_commits(store: Store) -> dict[str, int]:
+    """How many finished units each code commit produced ("unrecorded" for units from before commits were kept)."""
+    counts: dict[str, int] = {}
+    for r in store.rows():
+        if r.status == "done":
+            c = (r.metrics or {}).get("commit") or "unrecorded"
+            counts[c] = counts.get(c, 0) + 1
+    return counts
+
+
 def write_report(run: Any, store: Store, folder: Path | None = None, command: str | None = None) -> Path:
     """OUT/report/ (or ``folder``): results.json, table.md, chart.png."""
     folder = folder or run.out / "report"
     result = collect(run, store)
     result["meta"] = {"command": command or f"tunelab suite {run.source} --scale {run.scale_name}",
                       "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
-                      "data": json.loads((run.out / "data" / "info.json").read_text())}
+                      "data": json.loads((run.out / "data" / "info.json").read_text()),
+                      "unit_commits": _unit_commits(store)}
     sets = run.cfg.eval.sets
     m = result["meta"]
     header = (f"# {run.cfg.name} — scale {run.scale_name}\n\n"
               f"`{m['command']}` · commit {m['commit']} · {m['machine']['cpu']} ({', '.join(m['machine']['flags'])}; "
               f"{m['machine']['cores']} cores, torch {m['machine']['torch']}) · {m['date']} · "
-              f"{m['data']['train']} training / {m['data']['dev']} dev records\n\n"
+              f"{m['data']['train']} training / {m['data']['dev']} dev records · units run at "
+              + ", ".join(f"{c} ({n})" for c, n in m["unit_commits"].items()) + "\n\n"
               "Accuracy in % with its 95% interval over seeds × items; ⚠ = fails the protocol's collapse check; "
               "Δ base: paired difference to the base row (task-stratified bootstrap, 95%).")
     removed = result.get("removed_overlap") or {}

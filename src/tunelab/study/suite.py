@@ -63,6 +63,7 @@ from tunelab.study.compare import (
     run_row,
 )
 from tunelab.study.protocol import BUDGET_KEYS, DEV_LOSS, best_rate, grid_problems
+from tunelab.study.provenance import commit
 
 
 @dataclass
@@ -368,6 +369,7 @@ def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, An
             store.fail(claim, str(err), time.perf_counter() - t0)
             print(f"[suite] {claim.key}: failed: {err}", flush=True)
             continue
+        result["commit"] = commit()  # the code that produced this unit (a suite may span several commits)
         store.commit(claim, result, time.perf_counter() - t0)
         print(f"[suite] {claim.key}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
