@@ -133,6 +133,9 @@ def mask_closed_form(fraction: float, which: Callable[[str], bool] | None = None
     return count
 
 
+# q/v projections of either architecture: a regex, since every name of a target list must exist in the model
+QV_CATTN = r".*\.(q_proj|v_proj|c_attn)"
+
 ROWS = [
     Row("full", "full", {}, full_closed_form, mergeable=False,
         mergeable_why="full tuning writes into the base weights: nothing separate to merge",
@@ -153,7 +156,7 @@ ROWS = [
     Row("parallel-mlp", "parallel", {"bottleneck": 8}, bottleneck_closed_form(8, _blocks(1)), mergeable=False,
         mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
     Row("parallel-qv-cattn-dropout", "parallel",
-        {"bottleneck": 4, "targets": ["q_proj", "v_proj", "c_attn"], "activation": "gelu", "dropout": 0.1,
+        {"bottleneck": 4, "targets": QV_CATTN, "activation": "gelu", "dropout": 0.1,
          "scaling": 4.0},
         bottleneck_closed_form(4, _beside_linears), mergeable=False,
         mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
@@ -197,7 +200,7 @@ ROWS = [
     Row("random-mask-equal-mlp", "random-mask", {"fraction": 0.02, "spread": "equal", "targets": r".*\.mlp\..*",
                                                  "seed": 7}, mask_closed_form(0.02)),
     Row("random-mask-qv-matrix", "random-mask",
-        {"fraction": 0.05, "budget": "matrix", "targets": ["q_proj", "v_proj", "c_attn"]},
+        {"fraction": 0.05, "budget": "matrix", "targets": QV_CATTN},
         mask_closed_form(0.05, lambda k: k in ("q_proj", "v_proj", "c_attn"))),
 ]
 

@@ -154,10 +154,12 @@ def _is_placeable(module: nn.Module) -> bool:
 
 def find_placements(model: nn.Module, targets: str | Sequence[str], method: str) -> list[str]:
     """Module names for ``targets`` (alias, list of names/suffixes, or regex); refuses nested targets."""
-    groups = PLACEMENTS.get(targets, [targets]) if isinstance(targets, str) else [list(targets)]
+    alias = isinstance(targets, str) and targets in PLACEMENTS  # alternatives across architectures: any may match
+    groups = PLACEMENTS[targets] if alias else [targets] if isinstance(targets, str) else [list(targets)]
     names: list[str] = []
     for group in groups:
-        names += [n for n in find_targets(model, group, predicate=_is_placeable, kind="module") if n not in names]
+        names += [n for n in find_targets(model, group, predicate=_is_placeable, kind="module", each=not alias)
+                  if n not in names]
     for outer in names:
         inner = [n for n in names if n.startswith(outer + ".")]
         if inner:

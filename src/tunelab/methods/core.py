@@ -78,7 +78,11 @@ def summarize_names(names: Iterable[str], limit: int = 12) -> str:
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
+    return any(_is_suffix(name, t) for t in targets)
+
+
+def _is_suffix(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
 
 
 def find_targets(
@@ -87,31 +91,42 @@ def find_targets(
     *,
     predicate: Callable[[nn.Module], bool] = is_linear,
     kind: str = "linear",
+    each: bool = True,
 ) -> list[str]:
     """Names of the modules a method should adapt.
 
     ``targets`` is ``"all-linear"`` (every linear layer but the output head), a regex string matched against the
     full module name (``re.fullmatch``), or a list of names/suffixes (``"q_proj"`` matches
-    ``model.layers.3.self_attn.q_proj``). Raises MethodError listing the candidate layers when nothing matches.
+    ``model.layers.3.self_attn.q_proj``). Raises MethodError listing the candidate layers when nothing matches, or
+    (``each``) when one name of a list matches nothing — a misspelt name is an error, not silently ignored. A
+    list of alternatives across architectures (the adapters' ``attention`` placement) passes ``each=False``.
     """
     candidates = [n for n, m in model.named_modules() if n and predicate(m)]
     if targets == ALL_LINEAR:
         heads = output_head_names(model)
         found = [n for n in candidates if n not in heads]
+    elif isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error as e:
+            raise MethodError(f"target pattern {targets!r} is not a valid regular expression: {e}") from None
+        found = [n for n in candidates if _matches(n, targets)]
     else:
-        if isinstance(targets, str):
-            try:
-                re.compile(targets)
-            except re.error as e:
-                raise MethodError(f"target pattern {targets!r} is not a valid regular expression: {e}") from None
+        missing = [t for t in targets if not any(_is_suffix(n, t) for n in candidates)]
+        if each and 0 < len(missing) < len(targets):
+            raise _no_match(model, candidates, kind, f"{', '.join(map(repr, missing))} (in {list(targets)!r})")
         found = [n for n in candidates if _matches(n, targets)]
     if not found:
-        raise MethodError(
-            f"target {targets!r} matched no {kind} layer of {type(model).__name__}. "
-            f"Its {kind} layers are: {summarize_names(candidates)}. Use '{ALL_LINEAR}', a list of suffixes such as "
-            f"['q_proj', 'v_proj'], or a regex on the full name."
-        )
+        raise _no_match(model, candidates, kind, repr(targets))
     return found
+
+
+def _no_match(model: nn.Module, candidates: list[str], kind: str, what: str) -> MethodError:
+    return MethodError(
+        f"target {what} matched no {kind} layer of {type(model).__name__}. "
+        f"Its {kind} layers are: {summarize_names(candidates)}. Use '{ALL_LINEAR}', a list of suffixes such as "
+        f"['q_proj', 'v_proj'], or a regex on the full name."
+    )
 
 
 def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
