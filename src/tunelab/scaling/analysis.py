@@ -8,6 +8,7 @@ D_f = its fine-tuning examples and L = its test NLL per target token.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,11 +23,18 @@ __all__ = ["AnalysisError", "StudyFit", "Verdict", "fit_study", "points_from_row
 
 
 def points_from_rows(rows: Sequence[RunRow]) -> tuple[dict[str, list[Point]], dict[str, str]]:
-    """Finished runs as points per method label, and each label's method name (full, lora, prompt, ...)."""
+    """Finished runs as points per method label, and each label's method name (full, lora, prompt, ...).
+
+    A run whose test NLL is not finite (a diverged run stored before runs refused to finish with NaN) is never a
+    point: it is left out with a warning naming it."""
     points: dict[str, list[Point]] = {}
     names: dict[str, str] = {}
     for row in rows:
         if row.status != "done" or not row.metrics or row.metrics.get("test_nll") is None:
+            continue
+        if not math.isfinite(float(row.metrics["test_nll"])):
+            print(f"warning: run {row.key}: test_nll is {row.metrics['test_nll']}; left out of the fit "
+                  "(rerun it with a smaller learning rate)", file=sys.stderr)
             continue
         f = row.factors
         names[f["method"]] = f.get("method_name") or f["method"]

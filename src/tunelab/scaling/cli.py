@@ -11,6 +11,7 @@ EXAMPLES = """
   tunelab runs runs/lab-toy                      list a study's runs
   tunelab fit runs/lab-toy                       fit both laws, print verdicts with bootstrap intervals
   tunelab report runs/lab-toy                    markdown + plots in STUDY/report/
+  tunelab advise runs/lab-toy --examples 500 --budget-hours 1     which method and PET size for 500 examples
   tunelab pretrain WORLD --size xs --size s --out MODELS      pretrain tiny Llamas on a toy world
 """
 
@@ -35,6 +36,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
         f.add_argument("--no-heldout", action="store_true", help="fit on every point (no held-out points)")
         if name == "report":
             f.add_argument("--out", help="report folder (default STUDY/report)")
+
+    a = sub.add_parser("advise", help="which method and PET size for N examples and a budget, from a fitted study")
+    a.add_argument("study", help="study folder, its study.sqlite, or its sweep spec")
+    a.add_argument("--examples", type=int, help="your number of fine-tuning examples (D_f)")
+    a.add_argument("--budget-hours", type=float, help="the most training time you can spend (hours)")
+    a.add_argument("--memory-gib", type=float, help="the most memory (peak RSS, GiB) a run may take")
+    a.add_argument("--model", help="the study's model to advise for (default: its PET-axis model, else the largest)")
+    a.add_argument("--bootstrap", type=int, help="bootstrap replicates (default: the spec's fit.bootstrap)")
+    a.add_argument("--check", action="store_true", help="replay the advice on the 3 largest D_f values held out")
+    a.add_argument("--json", action="store_true", help="print the advice as JSON")
 
     p = sub.add_parser("pretrain", help="pretrain tiny Llama models of the toy family on a toy world's corpus")
     p.add_argument("world", help="toy world folder (written by `tunelab lab toy` or tunelab.scaling.toyworld)")
@@ -106,6 +117,27 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_advise(args: argparse.Namespace) -> int:
+    import json
+
+    from tunelab.config import ConfigError
+    from tunelab.scaling.advise import advise, check, render, render_check
+    from tunelab.scaling.store import open_study
+
+    store = open_study(args.study)
+    limits = {"budget_hours": args.budget_hours, "memory_gib": args.memory_gib, "model": args.model,
+              "replicates": args.bootstrap}
+    if args.check:
+        entries = check(store, **limits)
+        print(json.dumps(entries, indent=1) if args.json else render_check(entries, store.path.parent))
+        return 0
+    if args.examples is None:
+        raise ConfigError("tunelab advise: give --examples N (your number of fine-tuning examples), or --check")
+    result = advise(store, args.examples, **limits)
+    print(json.dumps(result.as_dict(), indent=1) if args.json else render(result), end="" if not args.json else "\n")
+    return 0
+
+
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from tunelab.scaling.pretrain import PretrainConfig, pretrain
 
@@ -129,5 +161,5 @@ def cmd_lab(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"sweep": cmd_sweep, "runs": cmd_runs, "fit": cmd_fit, "report": cmd_report, "pretrain": cmd_pretrain,
+COMMANDS = {"sweep": cmd_sweep, "advise": cmd_advise, "runs": cmd_runs, "fit": cmd_fit, "report": cmd_report, "pretrain": cmd_pretrain,
             "lab": cmd_lab}

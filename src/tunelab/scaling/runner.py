@@ -14,6 +14,7 @@ held-out NLL per target token, computed by the loop's evaluation with the traini
 
 from __future__ import annotations
 
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -57,6 +58,8 @@ def execute_run(config: dict[str, Any], run_dir: Path, threads: int) -> dict[str
     cfg = config_from_dict({**run, "output_dir": str(run_dir)})
     trainer = Trainer(cfg)
     result = trainer.run()
+    if result.eval_loss is not None and not math.isfinite(result.eval_loss):  # never a point of the fit
+        raise RuntimeError(f"run diverged: test NLL {result.eval_loss} after {result.steps} steps")
     metrics = {"test_nll": result.eval_loss, "train_loss": result.train_loss, "steps": result.steps,
                "train_seconds": result.seconds, "tokens": result.tokens, "target_tokens": result.target_tokens,
                "trainable_params": result.trainable_params, "peak_rss_mb": result.peak_rss_mb,
