@@ -30,6 +30,7 @@ EPILOG += SCALING_EXAMPLES.lstrip("\n")
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tunelab", description="Fine-tuning research on language models.",
                                 epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a run from a YAML config (one loop for every method)")
@@ -93,6 +94,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None)
     d.add_argument("--output-dir", default=None)
     add_scaling_parsers(sub)
+    for command in {id(c): c for c in sub.choices.values()}.values():
+        # --debug after the command works too; SUPPRESS keeps the top-level value when it is not given there
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -287,8 +291,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except USER_ERRORS as e:
-        print(f"tunelab {args.command}: error: {e}", file=sys.stderr)
+    except (*USER_ERRORS, OSError) as e:  # the user's to fix (an OSError names its file): one line, no traceback
+        if args.debug:
+            raise
+        hint = " (--debug shows the traceback)" if isinstance(e, OSError) else ""
+        print(f"tunelab {args.command}: error: {e}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -22,6 +22,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 import transformers
+from safetensors import SafetensorError
 from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers import models as tokenizer_models
 from tokenizers.pre_tokenizers import ByteLevel
@@ -299,10 +301,42 @@ def _load_pretrained(
             "there with tokenizer.save_pretrained(dir) (tokenizer.json + tokenizer_config.json)."
         ) from err
     try:
-        model = _with_sdpa(AutoModelForCausalLM.from_pretrained, folder, dtype=dtype, **options)
+        with warnings.catch_warnings():  # torch's note on the protocol of a pickle that is refused anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            model = _with_sdpa(AutoModelForCausalLM.from_pretrained, folder, dtype=dtype, **options)
     except OSError as err:
         raise ModelError(f"could not load model weights from {str(folder)!r}: {_first_line(err)}") from err
+    except (pickle.UnpicklingError, SafetensorError) as err:
+        raise _unreadable_weights(folder, err) from None
     return model, tokenizer
+
+
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def looks_like_pickle(path: str | os.PathLike) -> bool:
+    """Whether ``path`` starts like a pickle (PROTO opcode, protocol >= 2) or a torch.save zip archive."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    return head[:1] == b"\x80" or head == b"PK"
+
+
+def _unreadable_weights(folder: Path, err: BaseException) -> ModelError:
+    """Name the weights file transformers could not read as plain tensors; a pickle is refused, never run."""
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    disguised = isinstance(err, SafetensorError)  # the .safetensors file failed: a pickle under that name, or damage
+    if disguised:
+        files = [p for p in files if p.suffix == ".safetensors"]
+    pickles = [p for p in files if looks_like_pickle(p)]
+    if pickles:
+        what = "a pickle file, not safetensors" if disguised else "a pickle file that holds more than plain tensors"
+        return ModelError(
+            f"{pickles[0]}: refused: {what} (unpickling it could run code). tunelab loads weights as tensors "
+            "only: save the model as safetensors (model.save_pretrained(dir), from a copy you trust) and load "
+            "that folder."
+        )
+    return ModelError(f"could not read the model weights in {str(folder)!r} "
+                      f"({', '.join(p.name for p in files) or 'no weights file'}): {_first_line(err)}")
 
 
 def _first_line(err: BaseException) -> str:
