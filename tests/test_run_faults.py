@@ -4,8 +4,12 @@ checkpoint, bad rows, a pickle where weights belong, a user error — and checks
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,17 +17,98 @@ import yaml
 
 from test_train import cfg_dict
 from tunelab.cli import main
-from tunelab.config import ConfigError
+from tunelab.config import ConfigError, config_from_dict
 from tunelab.methods.core import MethodError
 from tunelab.models import ModelError, load_model
+from tunelab.runs import LOCK_FILE, RunError, RunLock
+from tunelab.train.loop import Trainer, TrainingDiverged
 
-from conftest import tiny
+from conftest import REPO, tiny
 
 
 def write_cfg(tmp_path: Path, **over) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg_dict(tmp_path, **over)))
     return path
+
+
+# -- the run folder lock -----------------------------------------------------------------------------------------
+
+
+def _hold_lock(run_dir: Path) -> subprocess.Popen:
+    """Another process that holds the run folder's lock until it is killed."""
+    code = ("import sys, time; from tunelab.runs import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+            "print('held', flush=True); time.sleep(300)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_second_trainer_is_refused_naming_the_holder_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+    cfg = write_cfg(tmp_path, train__max_steps=1)
+    run_dir = tmp_path / "run"
+    holder = _hold_lock(run_dir)
+    try:
+        assert main(["train", str(cfg)]) == 2
+        err = capsys.readouterr().err
+        assert f"is in use: pid {holder.pid} on {os.uname().nodename} (since " in err and "Traceback" not in err
+        assert not (run_dir / "meta.json").exists()  # the refused process wrote nothing into the holder's run
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    assert main(["train", str(cfg)]) == 0  # the kernel released the dead holder's lock; its record is left behind
+    err = capsys.readouterr().err
+    assert f"taking over the lock left by pid {holder.pid}" in err and "that process is gone" in err
+    assert json.loads((run_dir / "meta.json").read_text())["status"] == "complete"
+    assert (run_dir / LOCK_FILE).read_text() == ""  # released cleanly: no record, no warning for the next one
+
+
+def test_run_lock_is_exclusive_within_one_process_too(tmp_path):
+    with RunLock(tmp_path), pytest.raises(RunError, match=f"pid {os.getpid()} on "):
+        RunLock(tmp_path).acquire()
+    RunLock(tmp_path).acquire().release()  # free again after the with block
+
+
+# -- divergence: never `complete` --------------------------------------------------------------------------------
+
+
+def test_diverged_eval_loss_fails_the_cli_with_the_step_and_value(tmp_path, capsys):
+    """lr=1e30 for one step: the training loss was finite, the evaluation after the step is NaN."""
+    cfg = write_cfg(tmp_path, data__eval="synthetic:arith:dev:8")
+    code = main(["train", str(cfg), "--set", "train.lr=1e30", "--set", "train.max_steps=1",
+                 "--set", "train.warmup_steps=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "training diverged at step 1: eval loss is nan" in err and len(err.strip().splitlines()) == 1
+    meta = json.loads((tmp_path / "run" / "meta.json").read_text())
+    assert meta["status"] == "diverged" and meta["failed_step"] == 1
+    assert not (tmp_path / "run" / "adapter.safetensors").exists()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all("eval_loss" not in r for r in rows)  # no NaN row for a reader to take as a result
+
+
+def test_non_finite_weights_after_the_last_step_raise_from_trainer_run(tmp_path):
+    """No eval set: the last update overflows the weights to inf; Trainer.run() (the sweep runner's call) raises."""
+    cfg = config_from_dict(cfg_dict(tmp_path, train__lr=1e39, train__max_steps=1, train__warmup_steps=0))
+    with pytest.raises(TrainingDiverged, match=r"at step 1: trained weight .*lora.* is not finite"):
+        Trainer(cfg).run()
+    assert json.loads((tmp_path / "run" / "meta.json").read_text())["status"] == "diverged"
+
+
+def test_a_sweep_records_a_diverged_run_as_failed_not_done(tmp_path):
+    from tunelab.scaling.runner import _execute_claim
+    from tunelab.scaling.store import Store
+
+    config = {"model": {"name": "tiny-llama", "dtype": "fp32"}, "method": {"name": "lora", "r": 2, "alpha": 4},
+              "data": {"train": "synthetic:reverse:train:8", "eval": "synthetic:reverse:dev:4", "template": "plain",
+                       "max_length": 64},
+              "train": {"batch_size": 4, "max_steps": 1, "lr": 1e30, "warmup_steps": 0, "seed": 0,
+                        "progress": False}}
+    store = Store(tmp_path / "study.sqlite")
+    store.add_runs([("nan-run", config, {"method": "lora"})])
+    _execute_claim(store, store.claim(), tmp_path / "runs" / "nan-run", threads=1)
+    (row,) = store.rows()
+    assert row.status == "failed" and row.metrics is None and "eval loss is nan" in row.error
 
 
 # -- targets -----------------------------------------------------------------------------------------------------

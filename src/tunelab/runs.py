@@ -4,18 +4,23 @@ A run directory holds::
 
     config.yaml              the resolved config (every default filled in)
     meta.json                tunelab version, base model id + weight fingerprint, method, parameter counts, metrics,
-                             status ("running", "failed", "complete")
+                             status ("running", "failed", "diverged", "complete")
     adapter.safetensors      the method's trainable weights (never pickle); written only when training completed
     metrics.jsonl            one JSON object per logged step / evaluation
     checkpoints/step-N/      resumable checkpoints (see tunelab.train.checkpoint)
     peft/                    LoRA runs only: the adapter in peft's format
+    train.lock               held (``fcntl.flock``) by the process training into the folder; who holds it
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +30,16 @@ ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "meta.json"
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
+LOCK_FILE = "train.lock"
 
 
 class RunError(ValueError):
     """A run directory is missing, incomplete or does not fit the base model."""
+
+
+def warn(message: str) -> None:
+    """One line on stderr for something the user should know but that does not stop the command."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -86,6 +97,71 @@ def append_jsonl(path: str | os.PathLike, obj: dict[str, Any]) -> None:
         f.write(json.dumps(obj, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run lock: one training process per run directory
+# --------------------------------------------------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive lock on a run directory for the process that trains into it (``with RunLock(dir): ...``).
+
+    ``fcntl.flock`` on ``DIR/train.lock``: the kernel releases it when the holder exits however it exits (kill -9
+    too), so a lock is never stale. The file records the holder (pid, host, start time) for the message a second
+    process gets; a holder that died leaves that record behind, and the next process takes the lock over with a
+    warning. The file is never replaced (a lock lives on its inode), only rewritten in place, and emptied on release.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike) -> None:
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file: Any = None
+
+    def acquire(self) -> RunLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = os.fdopen(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+", encoding="utf-8")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(f.read())
+            f.close()
+            raise RunError(f"{self.path.parent} is in use: {holder} is training into it (lock {self.path}). Wait "
+                           f"for it to finish or stop it, or choose another output_dir (--set output_dir=...)") from None
+        left = f.read()
+        if left.strip():
+            warn(f"{self.path}: taking over the lock left by {_describe_holder(left)}: that process is gone")
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+        self._file = f
+        return self
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.truncate()  # an empty file: released cleanly (a record left behind means its holder died)
+        self._file.flush()
+        fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        h = json.loads(text)
+        return f"pid {h['pid']} on {h['host']} (since {h['since']})"
+    except (ValueError, KeyError, TypeError):
+        return "another process (it has not recorded itself yet)"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@
 Per optimizer step s: the G micro-batches of the step (G·W over W processes) have N target tokens in all; each
 micro-batch contributes Σ NLL / N to the objective (``tunelab.train.objective``), so the gradient is that of the
 per-token mean over the whole step. Then: clip, AdamW, schedule, log; evaluate and checkpoint on their intervals.
+
+The process holds the run directory's lock (``tunelab.runs.RunLock``) while it trains. A non-finite training
+loss, gradient norm, evaluation loss or final weight ends the run as ``diverged`` (TrainingDiverged), never
+``complete``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from tunelab.runs import (
     META_FILE,
     METRICS_FILE,
     RunError,
+    RunLock,
     append_jsonl,
     atomic_write_bytes,
     atomic_write_json,
@@ -56,7 +61,7 @@ from tunelab.train.schedules import lr_factor, warmup_steps_for
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
+    """A loss, the gradient norm or a trained weight became NaN or infinite (the run's status is ``diverged``)."""
 
 
 @dataclass
@@ -314,12 +319,12 @@ class Trainer:
             with self._no_sync(sync), self.autocast:
                 s, _ = self.forward(batch)
                 loss = s * (info.world_size / max(n_target, 1))
-            if not torch.isfinite(s):
-                self._diverged(step)
             loss.backward()
             total += float(s.detach())
-        total, tokens = all_reduce_sum([total, tokens], info)
+        total, tokens = all_reduce_sum([total, tokens], info)  # every process sees the same sum: all stop together
+        self._check_finite(step + 1, "train loss", total / max(n_target, 1))
         grad_norm = self._clip()
+        self._check_finite(step + 1, "gradient norm", grad_norm)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -339,12 +344,18 @@ class Trainer:
             return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
 
-    def _diverged(self, step: int) -> None:
+    def _check_finite(self, step: int, what: str, value: float) -> None:
+        if not math.isfinite(value):
+            self._diverged(step, f"{what} is {value}")
+
+    def _diverged(self, step: int, what: str) -> None:
+        """Mark the run ``diverged`` and raise TrainingDiverged with one line naming the step and the value."""
         last = getattr(self, "last_checkpoint", None)
-        msg = (f"non-finite loss at step {step + 1}; last good checkpoint: {last or 'none (no checkpoint saved yet)'}."
-               f" Lower train.lr, check the data, or try train.autocast=off")
+        msg = (f"training diverged at step {step}: {what}; last good checkpoint: "
+               f"{last or 'none (no checkpoint saved yet)'}. Lower train.lr, check the data, or try "
+               f"train.autocast=off")
         if self.info.is_main:
-            self._write_meta("failed", error=msg, failed_step=step + 1)
+            self._write_meta("diverged", error=msg, failed_step=step)
         raise TrainingDiverged(msg)
 
     # -- evaluation ------------------------------------------------------------------------------------------
@@ -371,6 +382,11 @@ class Trainer:
 
     # -- main loop -------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
+        """Train; the main process holds the run directory's lock throughout (a second trainer is refused)."""
+        with RunLock(self.run_dir) if self.info.is_main else contextlib.nullcontext():
+            return self._run_locked()
+
+    def _run_locked(self) -> TrainResult:
         self.setup()
         self.counters: dict[str, Any] = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "last_loss": float("nan")}
         start = self.prepare_run_dir()
@@ -420,6 +436,8 @@ class Trainer:
 
     def _log_eval(self, step: int) -> dict[str, float] | None:
         metrics = self.evaluate()
+        if metrics is not None and metrics["eval_target_tokens"]:  # no targets: nan means "no value", not divergence
+            self._check_finite(step, "eval loss", metrics["eval_loss"])
         if metrics is not None and self.info.is_main:
             append_jsonl(self.run_dir / METRICS_FILE, {"step": step, **metrics})
         return metrics
@@ -433,7 +451,14 @@ class Trainer:
                                                         keep=self.cfg.train.keep_checkpoints)
         barrier(self.info)
 
+    def _check_weights(self) -> None:
+        """The trained weights are finite (a last step can blow them up after its loss was computed)."""
+        for name, p in self.params.items():
+            if not bool(torch.isfinite(p.detach()).all()):
+                self._diverged(self.total_steps, f"trained weight {name} is not finite")
+
     def _finish(self, eval_metrics: dict[str, float] | None) -> TrainResult:
+        self._check_weights()
         c = self.counters
         result = TrainResult(
             run_dir=self.run_dir, steps=self.total_steps, train_loss=c["last_loss"],
