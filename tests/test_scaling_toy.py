@@ -82,6 +82,8 @@ def test_pretraining_lowers_loss_and_exports_loadable_checkpoints(world_files, t
     half = json.loads((result.checkpoints[0.5] / "pretrain.json").read_text())
     full = json.loads((result.checkpoints[1.0] / "pretrain.json").read_text())
     assert half["step"] == 6 and full["tokens"] > half["tokens"] > 0
+    # held-out loss at every checkpoint (the precondition "pretraining has flattened" compares them)
+    assert half["eval_loss"] > full["eval_loss"] > 0
     model, tok = load_model(str(result.checkpoints[1.0]), "fp32")
     batch = tok(["<aa> da ."], return_tensors="pt")
     with torch.no_grad():
@@ -158,6 +160,14 @@ def test_mini_toy_study_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["lab", "toy", "--scale", "mini", "--out", str(out), "--workers", "2", "--no-check"]) == 0
     report = (out / "report" / "report.md").read_text()
     assert "## The paper's findings at this scale" in report and "β_FMT > β_PET" in report
+    # the preconditions come first, measured: the mini scale meets few of them and says so
+    assert report.index("## Preconditions") < report.index("## The paper's findings")
+    pre = json.loads((out / "report" / "preconditions.json").read_text())
+    sizes, flat, seeds = (next(r for r in pre if word in r["condition"]) for word in ("sizes", "flattened", "seeds"))
+    assert sizes["ok"] is False and sizes["measured"].startswith("3 sizes")
+    assert seeds["ok"] is False and seeds["measured"] == "1"
+    assert flat["ok"] is not None and "s " in flat["measured"]  # measured from the checkpoints' held-out losses
+    assert "precondition(s) not met" in report
     assert "α_m > α_p" in report and "critical D_f" in report and "Whole study wall time" in report
     assert "Machine: " in report and "Reproduce: `tunelab sweep" in report and "Filled in" not in report
     for png in ("loss_vs_df_full.png", "loss_vs_df_lora.png", "predicted_vs_observed.png"):

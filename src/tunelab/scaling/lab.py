@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import ConfigError
+from tunelab.runs import atomic_write_json, atomic_write_text
 from tunelab.scaling.pretrain import FAMILY, PretrainConfig, get_size, pretrain, read_pretrain_info
 from tunelab.scaling.toyworld import WorldConfig, write_world
 
@@ -150,6 +151,78 @@ def check_pretraining(infos: dict[str, dict[str, Any]]) -> list[str]:
     return problems
 
 
+# The conditions under which the paper's laws were found (Zhang et al. 2024 fine-tune models pretrained on trillions
+# of tokens): each is measured and reported before any verdict of a toy study.
+MIN_TOKENS_PER_PARAM = 20  # well past the compute-optimal point (Chinchilla: ~20 tokens per parameter)
+MAX_LAST_HALF_DROP = 0.02  # "flattened": held-out pretraining loss falls by < 2% over the last half of pretraining
+MIN_SIZES, MIN_SIZE_SPAN = 4, 10.0
+MIN_CHECKPOINTS = 4
+MIN_DF_POINTS, MIN_DF_DECADES = 6, 2.5
+MIN_SEEDS = 2
+
+
+def preconditions(lab: ToyLab, models_dir: Path) -> list[dict[str, Any]]:
+    """Each precondition of the paper's setting as measured on this study: ``{"condition", "measured", "ok"}``
+    (``ok`` is None when it could not be measured)."""
+    import math
+
+    infos = {s: {f: read_pretrain_info(models_dir / s / f"ckpt-{f:g}") or {} for f in lab.checkpoints}
+             for s in lab.sizes}
+    last, half = max(lab.checkpoints), min(lab.checkpoints, key=lambda f: abs(f - max(lab.checkpoints) / 2))
+    out = []
+    ratios = {s: i[last].get("tokens", 0) / i[last]["non_embedding_params"] for s, i in infos.items()
+              if i[last].get("non_embedding_params")}
+    worst = min(ratios, key=ratios.get) if ratios else None
+    out.append({"condition": f"≥ {MIN_TOKENS_PER_PARAM} pretraining tokens per non-embedding parameter, every size",
+                "measured": ", ".join(f"{s} {r:.0f}" for s, r in ratios.items()) or "not measured",
+                "ok": None if worst is None else ratios[worst] >= MIN_TOKENS_PER_PARAM})
+    drops = {}
+    for s, i in infos.items():
+        a, b = i[half].get("eval_loss"), i[last].get("eval_loss")
+        if a and b and half != last:
+            drops[s] = (a - b) / a
+    out.append({"condition": f"pretraining has flattened: held-out loss falls < {MAX_LAST_HALF_DROP:.0%} from "
+                             f"checkpoint {half:g} to {last:g}, every size",
+                "measured": ", ".join(f"{s} {d:.1%}" for s, d in drops.items()) or "not measured (no held-out loss "
+                                                                                  "at the middle checkpoint)",
+                "ok": None if len(drops) < len(infos) else max(drops.values()) < MAX_LAST_HALF_DROP})
+    params = sorted(i[last]["non_embedding_params"] for i in infos.values() if i[last].get("non_embedding_params"))
+    span = params[-1] / params[0] if params else 0.0
+    out.append({"condition": f"≥ {MIN_SIZES} model sizes spanning ≥ {MIN_SIZE_SPAN:g}× in parameters",
+                "measured": f"{len(lab.sizes)} sizes, {span:.1f}×",
+                "ok": len(lab.sizes) >= MIN_SIZES and span >= MIN_SIZE_SPAN})
+    out.append({"condition": f"≥ {MIN_CHECKPOINTS} pretraining checkpoints (the pretraining-data axis)",
+                "measured": f"{len(lab.checkpoints)}", "ok": len(lab.checkpoints) >= MIN_CHECKPOINTS})
+    decades = math.log10(max(lab.d_f) / min(lab.d_f))
+    out.append({"condition": f"D_f over ≥ {MIN_DF_DECADES:g} orders of magnitude with ≥ {MIN_DF_POINTS} points",
+                "measured": f"{len(lab.d_f)} points over {decades:.2f} decades ({min(lab.d_f)}–{max(lab.d_f)})",
+                "ok": len(lab.d_f) >= MIN_DF_POINTS and decades >= MIN_DF_DECADES - 1e-9})
+    out.append({"condition": f"≥ {MIN_SEEDS} seeds", "measured": f"{len(lab.seeds)}",
+                "ok": len(lab.seeds) >= MIN_SEEDS})
+    return out
+
+
+def preconditions_markdown(rows: list[dict[str, Any]]) -> list[str]:
+    mark = {True: "met", False: "**not met**", None: "not measured"}
+    lines = ["## Preconditions of the paper's setting (measured, before any verdict)", "",
+             "| condition | measured | |", "|---|---|---|"]
+    lines += [f"| {r['condition']} | {r['measured']} | {mark[r['ok']]} |" for r in rows]
+    failed = [r for r in rows if r["ok"] is False]
+    lines += ["", ("Every precondition holds: the verdicts below test the paper's claims in its setting." if not failed
+                   else f"{len(failed)} precondition(s) not met: a verdict below that differs from the paper may be "
+                        "the toy setting, not the claim.")]
+    return lines
+
+
+def _insert_preconditions(report: Path, rows: list[dict[str, Any]]) -> None:
+    text = report.read_text(encoding="utf-8")
+    anchor = "## The paper's findings at this scale"
+    block = "\n".join(preconditions_markdown(rows)) + "\n\n"
+    text = text.replace(anchor, block + anchor, 1) if anchor in text else text + "\n" + block
+    atomic_write_text(report, text)
+    atomic_write_json(report.parent / "preconditions.json", rows)
+
+
 def toy_spec(lab: ToyLab, out: Path, world_dir: Path, models_dir: Path, templates: dict[str, str]) -> dict[str, Any]:
     """The sweep spec of the toy study, pointing at the pretrained checkpoints (``templates``: world.json's)."""
     last = f"ckpt-{max(lab.checkpoints):g}"
@@ -209,6 +282,7 @@ def run_toy(out: str | Path, *, scale: str = "full", workers: int = 2, check: bo
     log(f"sweep: {result.counts} ({result.seconds:.0f} s)")
     report = write_report(Store(spec.store_path), out / "report", bootstrap_replicates=spec.fit.bootstrap,
                           delta=spec.fit.delta, heldout=spec.fit.heldout)
+    _insert_preconditions(report, preconditions(lab, models_dir))
     _append_wall_time(report, time.perf_counter() - t0, infos, problems)
     return report
 

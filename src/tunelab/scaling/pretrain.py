@@ -135,7 +135,7 @@ def run_config(cfg: PretrainConfig, init_dir: Path, run_dir: Path) -> RunConfig:
                        template="{instruction}", max_length=cfg.max_length, train_on_prompt=True, packing=True)
     train = TrainSection(lr=cfg.lr, max_steps=cfg.steps, batch_size=cfg.batch_size, warmup_ratio=cfg.warmup_ratio,
                          schedule="cosine", min_lr_ratio=0.1, weight_decay=cfg.weight_decay, seed=cfg.seed,
-                         autocast="off", save_every=every, keep_checkpoints=cfg.steps // every + 1,
+                         autocast="off", save_every=every, eval_every=every, keep_checkpoints=cfg.steps // every + 1,
                          threads=cfg.threads, progress=cfg.progress)
     return RunConfig(model=ModelSection(name=str(init_dir), dtype="fp32"), method={"name": "full", "targets": "all"},
                      data=data, train=train, output_dir=str(run_dir))
@@ -183,9 +183,10 @@ def _tokens_by_step(run_dir: Path) -> dict[int, int]:
     return out
 
 
-def _losses_by_step(run_dir: Path) -> dict[int, float]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {int(r["step"]): float(r["loss"]) for r in rows if "loss" in r}
+def _losses_by_step(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    """``key`` (the train loss, or ``eval_loss``: held-out loss at every checkpoint) per step of metrics.jsonl."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {int(r["step"]): float(r[key]) for r in rows if r.get(key) is not None}
 
 
 def export_checkpoints(cfg: PretrainConfig, init_dir: Path, run_dir: Path, root: Path,
@@ -197,7 +198,7 @@ def export_checkpoints(cfg: PretrainConfig, init_dir: Path, run_dir: Path, root:
 
     stored = {int(p.name.split("-")[1]): p / "trainable.safetensors" for p in list_checkpoints(run_dir / "checkpoints")}
     stored[cfg.steps] = run_dir / "adapter.safetensors"
-    tokens, losses = _tokens_by_step(run_dir), _losses_by_step(run_dir)
+    tokens, losses, evals = _tokens_by_step(run_dir), _losses_by_step(run_dir), _losses_by_step(run_dir, "eval_loss")
     tokenizer = AutoTokenizer.from_pretrained(str(init_dir), local_files_only=True)
     out: dict[float, Path] = {}
     for fraction, step in checkpoint_steps(cfg.steps, cfg.checkpoints).items():
@@ -211,7 +212,7 @@ def export_checkpoints(cfg: PretrainConfig, init_dir: Path, run_dir: Path, root:
         tokenizer.save_pretrained(target)
         info = {"size": cfg.size, "step": step, "fraction": fraction, "tokens": tokens.get(step, 0),
                 "train_loss": losses.get(step), "non_embedding_params": get_size(cfg.size).non_embedding_params(),
-                "eval_loss": final_eval if step == cfg.steps else None}
+                "eval_loss": final_eval if step == cfg.steps else evals.get(step)}
         (target / PRETRAIN_FILE).write_text(json.dumps(info, indent=2))
         out[fraction] = target
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # exported; the optimizer states are not needed
