@@ -102,6 +102,21 @@ def test_shipped_spec_is_the_full_toy_study():
     assert spec.pet_model == "l" and len(spec.models.sizes) == 5
 
 
+def test_shipped_real_model_spec_and_its_rate_search_validate():
+    """The real-model study (issue 17): one model, PET axes for LoRA rank and prompt length, D_f 32..4096 in mc-text."""
+    from tunelab.study.lr_search import load_sweep
+
+    spec = load_spec(REPO / "configs" / "scaling-smollm2-obqa.yaml")
+    runs = expand(spec)
+    assert len(runs) == 112 and spec.d_f[0] == 32 and spec.d_f[-1] == 4096 and spec.seeds == [0, 1]
+    assert {r.config["data"]["format"] for r in runs} == {"mc-text"}
+    assert {(r.factors["method"], r.factors["pet_size"]) for r in runs if "pet" in r.factors["axes"]} == {
+        ("lora", 4), ("lora", 16), ("lora", 64), ("prompt", 10), ("prompt", 50), ("prompt", 200)}
+    search = load_sweep(REPO / "configs" / "sweep-lr-scaling-obqa.yaml")
+    assert [m.label for m in search.methods] == ["full", "lora-r16", "prompt-50"]
+    assert all(len(m.lrs) >= 4 and max(m.lrs) / min(m.lrs) > 99.9 for m in search.methods)
+
+
 def test_spec_errors_name_the_key(tmp_path):
     base = {"name": "x", "output_dir": str(tmp_path), "task": {"train": "synthetic:reverse:train:8",
             "test": "synthetic:reverse:dev:8"}, "models": {"sizes": [{"label": "t", "model": "tiny-llama"}]},

@@ -53,6 +53,7 @@ class TaskSpec:
     max_length: int = 256
     test_examples: int = 300
     train_on_prompt: bool = False
+    format: str = "as-is"  # row format of train/test (tunelab.data.formats: as-is, mc-text, mawps)
 
 
 @dataclass
@@ -231,6 +232,8 @@ def _run_config_dict(spec: SweepSpec, m: MethodSpec, entry: ModelEntry, d_f: int
              "progress": False, **spec.train, **m.train}
     data = {"train": t.train, "eval": t.test, "limit": d_f, "eval_max_examples": t.test_examples,
             "template": t.template, "max_length": t.max_length, "train_on_prompt": t.train_on_prompt}
+    if t.format != "as-is":  # studies without a row format keep the run keys they always had
+        data["format"] = t.format
     return {"model": {"name": entry.model, "dtype": spec.models.dtype}, "method": method, "data": data,
             "train": train}
 
