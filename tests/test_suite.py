@@ -115,12 +115,18 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     store = Store(run.out / "study.sqlite", create=False)
     rows = store.rows()
     assert all(r.status == "done" for r in rows)
-    # base + 2 search points + 2 seeds (the first seed's training is the search run at the chosen rate)
-    assert sorted(r.factors["phase"] for r in rows) == ["base", "final", "final", "search", "search"]
     result = json.loads((report / "results.json").read_text())
     assert result["removed_overlap"] == {"addsub-eq": 2}
     [lora] = result["rows"]
-    assert lora["lr"] in (1e-3, 1e-2) and lora["seeds"] == [0, 1] and lora["trainable"] > 0
+    # base + the 2 configured search points + the grid's extensions past a winning edge + 2 seeds (the first seed's
+    # training is the search run at the chosen rate)
+    extended = lora["extended"]
+    assert 1 <= len(extended) <= 2 and not set(extended) & {1e-3, 1e-2}  # 2 rates: the best is always at an edge
+    phases = sorted(r.factors["phase"] for r in rows)
+    assert phases == ["base", "final", "final"] + ["search"] * (2 + len(extended))
+    scores = {float(k): v for k, v in lora["search"].items()}
+    assert lora["lr"] == min(scores, key=scores.get) and lora["seeds"] == [0, 1] and lora["trainable"] > 0
+    assert "grid extended" in (report / "table.md").read_text()
     stats = lora["tasks"]["addsub-eq"]
     assert stats["n"] == 4 and stats["seeds"] == 2 and 0 <= stats["ci_low"] <= stats["accuracy"] <= stats["ci_high"]
     # first-two-sum gets all four decontaminated problems (a + b): the base row is the better of it and the model
@@ -134,7 +140,7 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     from tunelab.study.provenance import commit
 
     assert {r.metrics.get("commit") for r in rows} == {commit()}
-    assert result["meta"]["unit_commits"] == {commit() or "unrecorded": 5}
+    assert result["meta"]["unit_commits"] == {commit() or "unrecorded": len(rows)}
     assert (report / "chart.png").stat().st_size > 1000
     # a second run trains and evaluates nothing: every unit is read from the store
     capsys.readouterr()
@@ -216,3 +222,16 @@ def test_runs_table_lists_suite_units_and_unfinished_ones(tmp_path):
     store.add_runs([("search/lora/lr=0.001/seed=0", {"kind": "train"}, {"phase": "search", "row": "lora", "seed": 0})])
     table = runs_table(store)
     assert "search/lora/lr=0.001/seed=0 pending" in table and "lora" in table and "pending: 1" in table
+
+
+def test_grid_extends_past_an_edge_that_wins():
+    from tunelab.study.protocol import grid_extension
+
+    grid = {1e-3: 0.9, 4.6e-3: 0.5, 2.2e-2: 0.3, 1e-1: 0.2}
+    assert grid_extension(grid) == 0.46  # best at the top: one grid step (×4.6) up
+    assert grid_extension({**grid, 0.46: float("nan")}) is None  # the step beyond diverged: 0.1 is interior now
+    assert grid_extension({**grid, 0.46: 0.25}) is None
+    assert grid_extension({**grid, 0.46: 0.1}) == 2.1  # still the edge: keep going (the driver caps the count)
+    assert grid_extension({1e-4: 0.1, 1e-3: 0.2, 1e-2: 0.3}) == 1e-5  # best at the bottom
+    assert grid_extension({1e-4: 0.3, 1e-3: 0.1, 1e-2: 0.2}) is None
+    assert grid_extension({1e-4: None, 1e-3: None}) is None

@@ -49,6 +49,21 @@ def at_edge(lrs: Sequence[float], chosen: float | None) -> bool:
     return chosen is not None and len(lrs) > 1 and chosen in (min(lrs), max(lrs))
 
 
+MAX_GRID_EXTENSIONS = 2  # rates a row's search may add beyond the edge of its configured grid
+
+
+def grid_extension(scores: dict[float, float | None]) -> float | None:
+    """The next rate to search when the lowest finite dev loss sits at the grid's edge: one grid step beyond that
+    edge (the grid's mean ratio between neighbouring rates), rounded to 2 significant digits. None when the best
+    rate is interior — including when the rate beyond it was tried and diverged — or nothing has finished."""
+    best = best_rate(scores)
+    lrs = sorted(scores)
+    if best is None or len(lrs) < 2 or not at_edge(lrs, best):
+        return None
+    step = (lrs[-1] / lrs[0]) ** (1 / (len(lrs) - 1))  # the grid's mean ratio (its rates are rounded)
+    return float(f"{best * step if best == lrs[-1] else best / step:.2g}")
+
+
 def best_rate(scores: dict[float, float | None]) -> float | None:
     """The rate with the lowest finite score — the dev loss — (the lower rate on a tie); None when none finished."""
     finite = {lr: s for lr, s in scores.items() if s is not None and math.isfinite(s)}

@@ -22,7 +22,7 @@ import numpy as np
 from tunelab.eval.metrics import paired_bootstrap_diff, seed_item_ci, stratified_paired_diff
 from tunelab.runs import atomic_write_json, atomic_write_text, save_png
 from tunelab.scaling.store import Store
-from tunelab.study.protocol import at_edge, label_shares, shape_shares
+from tunelab.study.protocol import at_edge, best_rate, label_shares, shape_shares
 from tunelab.study.provenance import commit, machine
 
 
@@ -65,9 +65,12 @@ def _eval_dirs(run: Any, store: Store, label: str) -> tuple[dict[str, Any], list
     mine = [r for r in store.rows() if r.factors.get("row") == label]
     finals = [r for r in mine if r.factors.get("phase") == "final"]
     search = {r.factors["lr"]: r for r in mine if r.factors.get("phase") == "search"}
-    done = sorted((r for r in finals if r.status == "done"), key=lambda r: r.factors["seed"])
-    facts: dict[str, Any] = {"search": {str(lr): (r.metrics or {}).get("eval_loss") if r.status == "done" else None
-                                        for lr, r in sorted(search.items())}}
+    scores = {lr: (r.metrics or {}).get("eval_loss") if r.status == "done" else None
+              for lr, r in sorted(search.items())}
+    chosen = best_rate(scores)  # finals at a rate an extended grid has since beaten are not this row's result
+    done = sorted((r for r in finals if r.status == "done" and r.factors["lr"] == chosen),
+                  key=lambda r: r.factors["seed"])
+    facts: dict[str, Any] = {"search": {str(lr): v for lr, v in scores.items()}}
     if done:
         lr = done[0].factors["lr"]
         first = search.get(lr)
@@ -82,6 +85,8 @@ def _eval_dirs(run: Any, store: Store, label: str) -> tuple[dict[str, Any], list
                      train_tokens=metrics[0].get("train_tokens"),
                      train_loss=float(np.mean([m.get("train_loss") or math.nan for m in metrics])),
                      edge=at_edge([float(x) for x in search], lr))
+    configured = next((row.lrs for row in run.cfg.rows if row.label == label), [])
+    facts["extended"] = sorted(float(x) for x in search if float(x) not in configured)
     dirs = [run.out / "runs" / label / f"lr={r.factors['lr']:g}" / f"seed={r.factors['seed']}" / "eval"
             for r in done]
     return facts, dirs
@@ -260,7 +265,8 @@ def markdown(result: dict[str, Any], sets: list[Any], header: str) -> str:
                                         *["" for _ in groups], *["" for _ in groups], *["" for _ in ll_cols],
                                         "", "", "", ""]) + " |")
     for e in result["rows"]:
-        lr = "–" if e.get("lr") is None else f"{e['lr']:g}" + (" (edge)" if e.get("edge") else "")
+        lr = "–" if e.get("lr") is None else f"{e['lr']:g}" + (" (edge)" if e.get("edge") else "") + (
+            " (grid extended: " + ", ".join(f"{x:g}" for x in e["extended"]) + ")" if e.get("extended") else "")
         vs = [f"{100 * d[0]:+.1f} [{100 * d[1]:+.1f}, {100 * d[2]:+.1f}]" if g in e.get("vs_base", {}) and
               (d := e["vs_base"][g]) else "–" for g in groups]
         cells = [e["label"], str(e.get("tier", "–")), lr, *[_cell(_primary(e, s)) for s in sets],

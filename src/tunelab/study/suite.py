@@ -62,7 +62,14 @@ from tunelab.study.compare import (
     row_config,
     run_row,
 )
-from tunelab.study.protocol import BUDGET_KEYS, DEV_LOSS, best_rate, grid_problems
+from tunelab.study.protocol import (
+    BUDGET_KEYS,
+    DEV_LOSS,
+    MAX_GRID_EXTENSIONS,
+    best_rate,
+    grid_extension,
+    grid_problems,
+)
 from tunelab.study.provenance import commit
 
 
@@ -385,13 +392,26 @@ def run_base(run: SuiteRun, store: Store) -> dict[str, Any] | None:
 
 
 def run_row_units(run: SuiteRun, store: Store, row: SuiteRow) -> dict[str, Any]:
-    """LR search then seeds for one row; returns {"lr", "search": {lr: dev loss}, "seeds": {seed: result}}."""
+    """LR search then seeds for one row; returns {"lr", "search": {lr: dev loss}, "seeds": {seed: result}}.
+
+    When the best rate sits at the grid's edge the search goes one grid step beyond it (at most
+    ``MAX_GRID_EXTENSIONS`` times), so that a chosen rate is an interior optimum wherever the budget allows."""
     first = run.scale.seeds[0]
-    search = {}
-    for lr in row.lrs:
-        res = ensure(store, f"search/{unit_label(row.label, lr, first)}", _unit(run, row, lr, first, []),
-                     {"phase": "search", "row": row.label, "lr": lr, "seed": first})
-        search[lr] = None if res is None else res.get("eval_loss")
+    search: dict[float, float | None] = {}
+    lrs = list(row.lrs)
+    while True:
+        for lr in lrs:
+            if lr in search:
+                continue
+            res = ensure(store, f"search/{unit_label(row.label, lr, first)}", _unit(run, row, lr, first, []),
+                         {"phase": "search", "row": row.label, "lr": lr, "seed": first})
+            search[lr] = None if res is None else res.get("eval_loss")
+        nxt = grid_extension(search)
+        if nxt is None or len(lrs) - len(row.lrs) >= MAX_GRID_EXTENSIONS:
+            break
+        print(f"[suite] {row.label}: best rate {best_rate(search):g} is at the grid's edge; searching {nxt:g}",
+              flush=True)
+        lrs.append(nxt)
     lr = best_rate(search)
     seeds: dict[int, Any] = {}
     if lr is not None:
