@@ -80,11 +80,13 @@ def test_bad_row_stops_with_file_line_field(tmp_path, capsys):
     assert not (tmp_path / "run" / "adapter.safetensors").exists()
 
 
-def test_skip_bad_rows_reports_lines(tmp_path):
+def test_skip_bad_rows_reports_lines(tmp_path, capsys):
     data = _bad_data(tmp_path)
     code = main(["train", str(tiny_cfg(tmp_path, train=str(data), eval=None)), "--skip-bad-rows",
                  "--set", "train.max_steps=1"])
     assert code == 0
+    err = capsys.readouterr().err  # on the console, not only in meta.json
+    assert f"skipped 2 bad rows: {data}:2: " in err and f"; {data}:4: " in err and "meta.json" in err
     meta = json.loads((tmp_path / "run" / "meta.json").read_text())
     assert meta["data"]["train_examples"] == 2
     assert [b.split(": ")[0] for b in meta["bad_rows"]] == [f"{data}:2", f"{data}:4"]

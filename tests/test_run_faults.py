@@ -13,15 +13,17 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from test_train import cfg_dict
 from tunelab.cli import main
 from tunelab.config import ConfigError, config_from_dict
 from tunelab.methods.core import MethodError
 from tunelab.models import ModelError, load_model
-from tunelab.runs import LOCK_FILE, RunError, RunLock
-from tunelab.train.loop import Trainer, TrainingDiverged
+from tunelab.runs import LOCK_FILE, RunError, RunLock, read_jsonl
+from tunelab.train.loop import Trainer, TrainingDiverged, train
 
 from conftest import REPO, tiny
 
@@ -134,6 +136,79 @@ def test_target_list_typo_is_one_line_from_the_cli(tmp_path, capsys):
     assert "'nonexistent'" in err and "self_attn.q_proj" in err and "Traceback" not in err
 
 
+# -- resume: a torn metrics line, damaged checkpoints -------------------------------------------------------------
+
+
+def _interrupted_run(tmp_path: Path, monkeypatch, steps: int = 4) -> Path:
+    """A run stopped after its last step, before it was saved: checkpoints at steps 2 and 3, status 'failed'."""
+    def stop(self, _metrics):
+        raise RuntimeError("stopped before the end")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "_finish", stop)
+        with pytest.raises(RuntimeError, match="stopped"):
+            train(config_from_dict(cfg_dict(tmp_path, train__max_steps=steps, train__save_every=1)))
+    return tmp_path / "run"
+
+
+def _straight_weights(tmp_path: Path, steps: int = 4) -> dict[str, torch.Tensor]:
+    res = train(config_from_dict(cfg_dict(tmp_path / "straight", train__max_steps=steps)))
+    return load_file(str(res.run_dir / "adapter.safetensors"))
+
+
+def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torn_last_metrics_line_is_dropped_with_a_warning_on_resume(tmp_path, monkeypatch, capsys):
+    run = _interrupted_run(tmp_path, monkeypatch)
+    metrics = run / "metrics.jsonl"
+    n_lines = len(metrics.read_text().splitlines())
+    with open(metrics, "a") as f:
+        f.write('{"step": 4, "loss": 1.2')  # a process killed inside its write
+    res = train(config_from_dict(cfg_dict(tmp_path, train__max_steps=4, train__save_every=1)), resume=True)
+    assert f"{metrics}:{n_lines + 1}: dropped a torn last line" in capsys.readouterr().err
+    assert [r["step"] for r in read_jsonl(metrics) if "loss" in r] == [1, 2, 3, 4] and res.steps == 4
+
+
+def test_a_damaged_line_before_the_last_is_named(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1}\n{"step": 2, "lo\n{"step": 3}\n')
+    with pytest.raises(RunError, match=rf"{path}:2: not a JSON row"):
+        read_jsonl(path)
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:40])
+
+
+@pytest.mark.parametrize("damage", ["truncated newest", "no state.json anywhere"])
+def test_resume_falls_back_past_a_damaged_checkpoint(tmp_path, monkeypatch, capsys, damage):
+    run = _interrupted_run(tmp_path, monkeypatch)
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert [p.name for p in ckpts] == ["step-00000002", "step-00000003"]
+    if damage == "truncated newest":
+        _truncate(ckpts[-1] / "trainable.safetensors")
+    else:
+        for p in ckpts:
+            (p / "state.json").unlink()
+    capsys.readouterr()
+    resumed = train(config_from_dict(cfg_dict(tmp_path, train__max_steps=4, train__save_every=1)), resume=True)
+    err = capsys.readouterr().err
+    assert f"checkpoint {ckpts[-1]} is damaged" in err and "Traceback" not in err
+    if damage == "truncated newest":
+        assert "trainable.safetensors: not a readable safetensors file" in err
+        assert (run / "checkpoints" / "step-00000003.damaged").is_dir()  # set aside, kept for inspection
+    else:
+        assert "state.json: file missing" in err and "no complete checkpoint" in err and "from step 0" in err
+    _assert_same(load_file(str(resumed.run_dir / "adapter.safetensors")), _straight_weights(tmp_path))
+    assert [r["step"] for r in read_jsonl(run / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+
+
+# -- bad rows on the console -------------------------------------------------------------------------------------
+# (tests/test_cli.py::test_skip_bad_rows_reports_lines checks the console line with meta.json)
+
+
 # -- pickles where weights belong --------------------------------------------------------------------------------
 
 
@@ -166,7 +241,25 @@ def test_a_pickle_in_a_model_folder_is_refused_naming_the_file(tmp_path, filenam
     assert not (tmp_path / "ran").exists()
 
 
+def test_a_pickle_as_adapter_file_is_one_line_from_generate(tmp_path, capsys):
+    res = train(config_from_dict(cfg_dict(tmp_path, train__max_steps=1)))
+    adapter = res.run_dir / "adapter.safetensors"
+    _write_pickle(adapter, tmp_path / "ran")
+    capsys.readouterr()
+    assert main(["generate", str(res.run_dir), "--prompt", "hi", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert f"{adapter}: refused: this is a pickle" in err and "weights_only" not in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "ran").exists()
+
+
 # -- user errors: one line and exit 2, the traceback with --debug -------------------------------------------------
+
+
+def test_damaged_meta_json_is_named(tmp_path, capsys):
+    (tmp_path / "meta.json").write_text('{"status": "comp')
+    assert main(["generate", str(tmp_path), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'meta.json'}: damaged" in err and "Traceback" not in err
 
 
 def test_a_file_system_error_is_one_line(tmp_path, capsys):

@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -97,6 +98,33 @@ def append_jsonl(path: str | os.PathLike, obj: dict[str, Any]) -> None:
         f.write(json.dumps(obj, default=str) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a JSONL file this package appended to (``append_jsonl``).
+
+    A process killed inside a write leaves a torn last line: it is dropped with a warning naming the file and
+    line. A bad line before the last one is damage, not a kill: RunError naming the file and line.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    last = max((i for i, line in enumerate(lines, 1) if line.strip()), default=0)
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            if i < last:
+                raise RunError(f"{path}:{i}: not a JSON row ({e.msg}); the file is damaged before its last line. "
+                               f"Remove or fix that line") from None
+            warn(f"{path}:{i}: dropped a torn last line (a write was interrupted): {line[:60]!r}")
+            continue
+        if not isinstance(row, dict):
+            raise RunError(f"{path}:{i}: expected a JSON object per line, got {type(row).__name__}")
+        rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -174,7 +202,31 @@ def read_meta(run_dir: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise RunError(f"{run_dir} is not a tunelab run directory (no {META_FILE}); give a run directory written "
                        f"by `tunelab train` or a model name")
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{path}: damaged, not a JSON object ({e}); the run cannot be read back") from None
+    if not isinstance(meta, dict):
+        raise RunError(f"{path}: damaged, not a JSON object")
+    return meta
+
+
+def load_tensors(path: str | os.PathLike) -> dict[str, Any]:
+    """A safetensors file's tensors, or RunError naming the file (missing, truncated, or not safetensors at all —
+    a pickle under this name is refused, never unpickled)."""
+    path = Path(path)
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise RunError(f"{path}: file missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        from tunelab.models import looks_like_pickle
+
+        if path.is_file() and looks_like_pickle(path):
+            raise RunError(f"{path}: refused: this is a pickle (torch.save) file, not safetensors; tunelab never "
+                           f"unpickles (loading a pickle can run code). Only safetensors written by tunelab are "
+                           f"loaded") from None
+        raise RunError(f"{path}: not a readable safetensors file (truncated or damaged: {e})") from None
 
 
 def is_run_dir(path: str | os.PathLike) -> bool:
@@ -213,7 +265,7 @@ def load_run(run_dir: str | os.PathLike, *, base: str | None = None, allow_base_
     install_run_quantization(model, run_dir, cfg)  # a run trained on a quantized base: its exact codes
     module = get_method(cfg.method_name())
     handle = module.apply(model, cfg.method_config())
-    handle.load_state_dict(load_file(str(run_dir / ADAPTER_FILE)))
+    handle.load_state_dict(load_tensors(run_dir / ADAPTER_FILE))
     model.eval()
     return model, tokenizer, handle, cfg
 

@@ -85,6 +85,22 @@ def prepare_data(data: DataSection, tokenizer: Any, seed: int) -> PreparedData:
     return PreparedData(train=train, eval=evals, stats=stats)
 
 
+def skipped_rows_message(stats: dict[str, Any], shown: int = 3) -> str | None:
+    """The console line for the rows ``--skip-bad-rows`` left out (count and the first few ``file:line: reason``),
+    or None when none was."""
+    bad, dropped = stats.get("bad_rows", []), stats.get("dropped", 0)
+    if not bad and not dropped:
+        return None
+    parts = []
+    if bad:
+        more = f"; and {len(bad) - shown} more" if len(bad) > shown else ""
+        parts.append(f"skipped {len(bad)} bad row{'s' * (len(bad) != 1)}: {'; '.join(bad[:shown])}{more}")
+    if dropped:
+        parts.append(f"dropped {dropped} training row{'s' * (dropped != 1)} with no response token within "
+                     f"data.max_length")
+    return " | ".join(parts) + " (--skip-bad-rows; see the run's meta.json)"
+
+
 class BatchPlan:
     """Groups examples into micro-batches (optionally packed) and orders them per epoch."""
 

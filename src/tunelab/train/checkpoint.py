@@ -7,7 +7,9 @@ A checkpoint is a folder ``checkpoints/step-00000042/`` with
     state.json              step, scheduler state, optimizer param groups, parameter order, counters
 
 It is assembled in a hidden temp folder (each file fsynced) and renamed into place, so every ``step-*`` folder
-that exists is complete; the newest one is the one to resume from.
+that exists is complete; the newest one is the one to resume from. One damaged afterwards (a truncated file, a
+missing ``state.json``) is named, set aside as ``step-N.damaged`` and the one before it is used
+(``load_newest``).
 """
 
 from __future__ import annotations
@@ -22,9 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
-from tunelab.runs import atomic_save_tensors, atomic_write_json
+from tunelab.runs import RunError, atomic_save_tensors, atomic_write_json, load_tensors, warn
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -117,17 +118,47 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> TrainingState:
-    meta = json.loads((path / "state.json").read_text(encoding="utf-8"))
-    opt_and_rng = load_file(str(path / "optimizer.safetensors"))
-    names = meta["param_names"]
-    return TrainingState(
-        step=int(meta["step"]),
-        trainable=load_file(str(path / "trainable.safetensors")),
-        optimizer=_optimizer_from_flat(opt_and_rng, meta["param_groups"], names),
-        scheduler=meta["scheduler"],
-        rng={k: v for k, v in opt_and_rng.items() if k.startswith("rng/")},
-        counters=meta["counters"] | {"param_names": names},
-    )
+    """Read one checkpoint folder; RunError naming the file when it is incomplete or damaged."""
+    state_file = path / "state.json"
+    try:
+        meta = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise RunError(f"{state_file}: file missing") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RunError(f"{state_file}: not valid JSON ({e})") from None
+    opt_and_rng = load_tensors(path / "optimizer.safetensors")
+    trainable = load_tensors(path / "trainable.safetensors")
+    try:
+        names = meta["param_names"]
+        return TrainingState(
+            step=int(meta["step"]), trainable=trainable,
+            optimizer=_optimizer_from_flat(opt_and_rng, meta["param_groups"], names),
+            scheduler=meta["scheduler"],
+            rng={k: v for k, v in opt_and_rng.items() if k.startswith("rng/")},
+            counters=meta["counters"] | {"param_names": names},
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise RunError(f"{state_file}: incomplete or damaged ({type(e).__name__}: {e})") from None
+
+
+def load_newest(ckpt_root: Path, *, set_aside: bool = True) -> tuple[Path, TrainingState] | None:
+    """The newest checkpoint that loads, or None when none does.
+
+    A damaged newer one is named in a warning and, with ``set_aside`` (the main process), renamed to
+    ``step-N.damaged``: out of the way of ``keep`` (which would otherwise delete the good ones around it), kept
+    for inspection.
+    """
+    for path in reversed(list_checkpoints(ckpt_root)):
+        try:
+            return path, load_checkpoint(path)
+        except RunError as e:
+            aside = path.with_name(path.name + ".damaged")
+            if set_aside:
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(path, aside)
+            warn(f"checkpoint {path} is damaged ({e}); " + (f"moved to {aside.name}; " if set_aside else "")
+                 + "trying the one before it")
+    return None
 
 
 def clean_temp(ckpt_root: Path) -> None:

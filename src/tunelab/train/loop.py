@@ -43,6 +43,9 @@ from tunelab.runs import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    read_jsonl,
+    read_meta,
+    warn,
 )
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.attention import use_fp32_attention
@@ -51,6 +54,7 @@ from tunelab.train.batches import (
     PreparedData,
     all_step_micro_batches,
     prepare_data,
+    skipped_rows_message,
     step_micro_batches,
 )
 from tunelab.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
@@ -211,7 +215,7 @@ class Trainer:
         if not self.params:
             raise RunError(f"method '{self.handle.name}' left no trainable parameters")
         self.device = next(iter(self.params.values())).device
-        self.data: PreparedData = prepare_data(self.cfg.data, self.tokenizer, t.seed)
+        self.data: PreparedData = self._prepare_data()
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.pad_id = pad_id
         self.plan = BatchPlan(self.data.train, t.batch_size, self.cfg.data.max_length, pad_id, seed=t.seed,
@@ -232,6 +236,14 @@ class Trainer:
         self.forward = LossModule(self.model)
         if self.info.enabled:
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, find_unused_parameters=False)
+
+    def _prepare_data(self) -> PreparedData:
+        """Tokenised training/eval sets; rows that --skip-bad-rows left out are reported on the console too."""
+        data = prepare_data(self.cfg.data, self.tokenizer, self.cfg.train.seed)
+        skipped = skipped_rows_message(data.stats)
+        if skipped and self.info.is_main:
+            warn(skipped)
+        return data
 
     def _build_optimizer(self) -> None:
         t = self.cfg.train
@@ -256,15 +268,13 @@ class Trainer:
             raise RunError(f"{self.run_dir} already holds a run. Pass --resume to continue it, or choose another "
                            f"output_dir (--set output_dir=...)")
         if self.resume and meta_path.exists():
-            old = json.loads(meta_path.read_text())
+            old = read_meta(self.run_dir)
             if old.get("config_hash") != config_hash(self.cfg):
                 raise RunError(f"{self.run_dir}: --resume needs the same config as the interrupted run; "
                                f"compare with {self.run_dir / CONFIG_FILE}")
             if old.get("status") == "complete":
                 raise RunError(f"{self.run_dir} is already complete; nothing to resume")
-        start = 0
-        if self.resume and existing is not None:
-            start = self._restore(existing)
+        start = self._restore_newest() if self.resume and existing is not None else 0
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             ckpt.clean_temp(self.ckpt_root)
@@ -275,8 +285,15 @@ class Trainer:
         barrier(self.info)
         return start
 
-    def _restore(self, path: Path) -> int:
-        state = ckpt.load_checkpoint(path)
+    def _restore_newest(self) -> int:
+        """Restore the newest checkpoint that loads (a damaged newer one is named and set aside); 0 if none does."""
+        found = ckpt.load_newest(self.ckpt_root, set_aside=self.info.is_main)
+        if found is None:
+            warn(f"no complete checkpoint in {self.ckpt_root}: starting {self.run_dir} again from step 0")
+            return 0
+        return self._restore(*found)
+
+    def _restore(self, path: Path, state: ckpt.TrainingState) -> int:
         self.handle.load_state_dict(state.trainable)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
@@ -491,8 +508,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric rows logged after the checkpoint we resume from (they will be logged again)."""
     if not path.is_file():
         return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
+    keep = [row for row in read_jsonl(path) if row.get("step", 0) <= step]
+    atomic_write_text(path, "".join(json.dumps(row, default=str) + "\n" for row in keep))
 
 
 def train(cfg: RunConfig, *, resume: bool = False, model: Any = None, tokenizer: Any = None) -> TrainResult:
