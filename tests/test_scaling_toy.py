@@ -99,7 +99,7 @@ def test_shipped_spec_is_the_full_toy_study():
     out = Path("runs/lab-toy")
     expected = toy_spec(get_scale("full"), out, out / "world", out / "models", templates)
     assert yaml.safe_load(shipped.read_text()) == expected
-    assert spec.pet_model == "l" and len(spec.models.sizes) == 5
+    assert spec.pet_model == "l" and len(spec.models.sizes) == 4
 
 
 def test_shipped_real_model_spec_and_its_rate_search_validate():

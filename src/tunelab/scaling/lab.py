@@ -72,10 +72,15 @@ SCALES: dict[str, ToyLab] = {
     # A world with enough to memorise (a larger lexicon, 30% parallel text: translation pairs need MLP capacity) that
     # pretraining loss keeps falling with size; per-size learning rates (smaller models take higher ones; probed,
     # see docs/scaling.md).
-    "full": ToyLab(sizes=list(FAMILY), documents=20000, pretrain_steps=1500, pretrain_batch=16, pretrain_model="l",
-                   pet_model="l", checkpoints=[0.125, 0.25, 0.5, 1.0], d_f=[25, 50, 100, 200, 400, 800], seeds=[0, 1],
-                   budget={"epochs": 5, "min_steps": 30, "max_steps": 250, "batch_size": 16},
-                   pretrain_lr={"xs": 2e-2, "s": 1.5e-2, "m": 1e-2, "l": 7e-3, "xl": 3e-3},
+    #
+    # The paper's preconditions (see ``preconditions``): four sizes over 16.5× (xl would need 19M tokens for 20 per
+    # parameter), every size pretrained on 9.0M tokens (4,400 steps of 16 × 128: 20 tokens per parameter for l, 336
+    # for xs) from a corpus of 60,000 documents (3.3M tokens, ~2.7 passes), D_f over 2.5 decades in 6 points, 2 seeds.
+    "full": ToyLab(sizes=["xs", "s", "m", "l"], documents=60000, pretrain_steps=4400, pretrain_batch=16,
+                   pretrain_model="l", pet_model="l", checkpoints=[0.125, 0.25, 0.5, 1.0],
+                   d_f=[10, 30, 100, 300, 1000, 3200], seeds=[0, 1], task_train=3200,
+                   budget={"epochs": 5, "min_steps": 30, "max_steps": 300, "batch_size": 16},
+                   pretrain_lr={"xs": 2e-2, "s": 1.5e-2, "m": 1e-2, "l": 7e-3},
                    world=WorldConfig(nouns=120, verbs=40, adjectives=20, parallel_share=0.3)),
     "mini": ToyLab(sizes=["xs", "s", "m"], documents=600, pretrain_steps=24, pretrain_batch=8, pretrain_model="s",
                    pet_model="s", checkpoints=[0.5, 1.0], d_f=[16, 32, 64], test_examples=48, bootstrap=10,
