@@ -160,3 +160,27 @@ def test_ray_executor_on_a_local_ray_instance(tmp_path):
     result = sweep(spec, workers=2, executor="ray")
     assert result.counts == {"pending": 0, "running": 0, "done": 2, "failed": 0}
     assert all(r.attempts == 1 and r.metrics["test_nll"] > 0 for r in Store(spec.store_path).rows())
+
+
+def test_killing_only_the_sweep_stops_its_workers_and_a_second_sweep_is_refused(tmp_path):
+    spec_path = _tiny_spec(tmp_path, steps=400)
+    spec = load_spec(spec_path)
+    proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", str(spec_path), "--workers", "1"],
+                            env=_env(), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        rows = _wait_for(spec.store_path, lambda rs: any(r.status == "running" for r in rs))
+        worker = next(r.pid for r in rows if r.status == "running")
+        assert worker != proc.pid and process_alive(worker, None)
+        # a second sweep on the live study says who runs it instead of training beside it
+        with pytest.raises(StoreError, match=rf"being run: pid {worker} on .* holds run .* stop it"):
+            sweep(spec, workers=1)
+        proc.send_signal(signal.SIGKILL)  # the parent only: its worker must not train on unsupervised
+        proc.wait(timeout=10)
+        deadline = time.time() + 15
+        while process_alive(worker, None) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not process_alive(worker, None)
+        assert Store(spec.store_path).live_holders() == []  # and the study is free for the next sweep
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        subprocess.run(["pkill", "-9", "-f", str(spec.store_path)], check=False)

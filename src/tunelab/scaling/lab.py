@@ -23,7 +23,7 @@ import yaml
 
 from tunelab.config import ConfigError
 from tunelab.runs import atomic_write_json, atomic_write_text
-from tunelab.scaling.pretrain import FAMILY, PretrainConfig, get_size, pretrain, read_pretrain_info
+from tunelab.scaling.pretrain import PretrainConfig, get_size, pretrain, read_pretrain_info
 from tunelab.scaling.toyworld import WorldConfig, write_world
 
 METHODS: list[dict[str, Any]] = [  # learning rates chosen once per method (see docs/scaling.md)

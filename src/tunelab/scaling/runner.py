@@ -97,9 +97,33 @@ def exact_match(trainer: Any, n: int, max_new_tokens: int) -> float:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def worker_loop(store_path: str, runs_dir: str, threads: int, max_runs: int | None = None) -> int:
-    """Claim, execute and commit runs until none is pending (or ``max_runs`` were done); returns runs done."""
+def watch_parent(interval: float = 1.0) -> bool:
+    """In a worker process started by ``multiprocessing``: exit at once when the parent (the sweep) dies, so that
+    no worker trains unsupervised after a kill of the sweep alone; the run it held is recovered by the next claim.
+    Returns whether a watch was started (False in a process without a multiprocessing parent, e.g. a Ray task)."""
+    import threading
+
+    parent = mp.parent_process()
+    if parent is None:
+        return False
+
+    def watch() -> None:
+        while parent.is_alive():
+            time.sleep(interval)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True, name="watch-parent").start()
+    return True
+
+
+def worker_loop(store_path: str, runs_dir: str, threads: int, max_runs: int | None = None,
+                watch: bool = False) -> int:
+    """Claim, execute and commit runs until none is pending (or ``max_runs`` were done); returns runs done.
+    ``watch``: exit when the parent process dies (the local executor's workers)."""
     import torch
+
+    if watch:
+        watch_parent()
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)
@@ -155,6 +179,15 @@ def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_f
           max_restarts: int | None = None) -> SweepResult:
     """Run every pending run of the study (see the module docstring)."""
     t0 = time.perf_counter()
+    live = Store(spec.store_path).live_holders() if spec.store_path.is_file() else []
+    if live and executor == "local":
+        from tunelab.scaling.store import StoreError
+
+        key, host, pid = live[0]
+        raise StoreError(f"{spec.store_path}: this study is being run: pid {pid} on {host} holds run {key} "
+                         f"({len(live)} run(s) in progress). A second sweep would train beside it: wait for that sweep to "
+                         "finish, or stop it (Ctrl-C, or kill its process group); its runs are recovered by the next "
+                         "sweep")
     store = prepare(spec, retry_failed)
     threads = threads_per_worker(workers)
     runs_dir = str(Path(spec.output_dir) / "runs")
@@ -188,7 +221,7 @@ def _sweep_local(store_path: str, runs_dir: str, workers: int, threads: int, max
 
 
 def _start(ctx: Any, store_path: str, runs_dir: str, threads: int) -> Any:
-    p = ctx.Process(target=worker_loop, args=(store_path, runs_dir, threads), daemon=False)
+    p = ctx.Process(target=worker_loop, args=(store_path, runs_dir, threads, None, True), daemon=False)
     p.start()
     return p
 

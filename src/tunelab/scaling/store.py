@@ -196,6 +196,18 @@ class Store:
                        (f"recovered at {time.ctime(now)}: the worker holding it stopped", key))
         return len(stale)
 
+    def live_holders(self) -> list[tuple[str, str, int]]:
+        """(key, host, pid) of the running runs whose worker is alive: on this host by its pid, elsewhere by a
+        heartbeat newer than ``stale_after``."""
+        now, out = time.time(), []
+        with self._connect() as db:
+            for r in db.execute("SELECT key, host, pid, pid_start, heartbeat FROM runs WHERE status = 'running'"):
+                alive = (process_alive(r["pid"], r["pid_start"]) if r["host"] == self.host
+                         else (r["heartbeat"] or 0) >= now - self.stale_after)
+                if alive:
+                    out.append((r["key"], r["host"], r["pid"]))
+        return out
+
     def recover(self) -> int:
         """Put runs whose workers are gone back to pending now; returns how many."""
         with self.transaction() as db:
