@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab.config import ConfigError, DataSection, ModelSection, RunConfig, TrainSection
+from tunelab.runs import read_jsonl
 
 PRETRAIN_FILE = "pretrain.json"
 
@@ -175,8 +176,7 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
 def _tokens_by_step(run_dir: Path) -> dict[int, int]:
     """Cumulative tokens seen after each step, from the run's metrics.jsonl."""
     total, out = 0, {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
+    for row in read_jsonl(run_dir / "metrics.jsonl"):
         if "tokens" in row:
             total += int(row["tokens"])
             out[int(row["step"])] = total
@@ -185,8 +185,7 @@ def _tokens_by_step(run_dir: Path) -> dict[int, int]:
 
 def _losses_by_step(run_dir: Path, key: str = "loss") -> dict[int, float]:
     """``key`` (the train loss, or ``eval_loss``: held-out loss at every checkpoint) per step of metrics.jsonl."""
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {int(r["step"]): float(r[key]) for r in rows if r.get(key) is not None}
+    return {int(r["step"]): float(r[key]) for r in read_jsonl(run_dir / "metrics.jsonl") if r.get(key) is not None}
 
 
 def export_checkpoints(cfg: PretrainConfig, init_dir: Path, run_dir: Path, root: Path,
