@@ -53,3 +53,18 @@ def test_rows_cannot_change_the_token_budget(tmp_path):
                            {"label": "b", "method": {"name": "lora"}}])
     with pytest.raises(ConfigError, match="same token budget"):
         load_compare(path)
+
+
+def test_a_diverged_row_is_reported_not_resumed(tmp_path):
+    """A row whose run diverged is an error naming the run; resuming it would diverge again at the same step."""
+    path = _cfg(tmp_path, [{"label": "hot", "method": {"name": "lora", "r": 2, "alpha": 4},
+                            "train": {"lr": 1e39}}])
+    [first] = compare(path)
+    assert "training diverged at step" in first["error"]
+    meta = tmp_path / "cmp" / "hot" / "run" / "meta.json"
+    assert json.loads(meta.read_text())["status"] == "diverged"
+    log = tmp_path / "cmp" / "hot" / "log.txt"
+    size = log.stat().st_size
+    [again] = compare(path)
+    assert "training diverged at step" in again["error"] and "is kept: delete it" in again["error"]
+    assert log.stat().st_size == size  # nothing was run again

@@ -124,7 +124,13 @@ def run_row(cfg: CompareConfig, row: CompareRow) -> dict[str, Any]:
     t0 = time.perf_counter()
     cli = [sys.executable, "-m", "tunelab.cli"]
     meta_path = run_dir / "meta.json"
-    if not (meta_path.is_file() and json.loads(meta_path.read_text()).get("status") == "complete"):
+    status = json.loads(meta_path.read_text()).get("status") if meta_path.is_file() else None
+    if status == "diverged":  # resume is bit-exact: it would diverge again at the same step
+        meta = json.loads(meta_path.read_text())
+        return {"label": row.label, "method": row.method.get("name"),
+                "error": f"{meta.get('error') or 'training diverged'} ({run_dir} is kept: delete it to train "
+                         "this row again)"}
+    if status != "complete":
         resume = ["--resume"] if meta_path.is_file() else []
         code, last = _run([*cli, "train", str(cfg_path), "--set", "train.progress=false", *resume], log)
         if code != 0:
