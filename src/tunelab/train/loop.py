@@ -274,6 +274,7 @@ class Trainer:
                                f"compare with {self.run_dir / CONFIG_FILE}")
             if old.get("status") == "complete":
                 raise RunError(f"{self.run_dir} is already complete; nothing to resume")
+        barrier(self.info)  # every process has checked the folder before the main one writes into it
         start = self._restore_newest() if self.resume and existing is not None else 0
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
