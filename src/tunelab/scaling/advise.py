@@ -270,7 +270,7 @@ def advise(store: Store, examples: int, *, budget_hours: float | None = None, me
         if best and runner:
             a, b = q[best.name], q[runner.name]
             q["difference"] = None if a is None or b is None else a - b
-            q["crossing"] = _crossing(f, best, runner, d_range)
+            q["crossing"] = _crossing(f, best, runner, d_range)[0]
         return q
 
     estimate = quantities(fits)
@@ -284,7 +284,7 @@ def advise(store: Store, examples: int, *, budget_hours: float | None = None, me
         found = [r.get("crossing") for r in reps]
         crossing = {"d_f": estimate.get("crossing"), "interval": interval(found),
                     "replicates_with_crossing": sum(v is not None for v in found), "replicates": len(reps),
-                    "first": _overtaker(fits, best, runner, d_range)}
+                    "first": _crossing(fits, best, runner, d_range)[1]}
     advice = Advice(str(store.path.parent), target, examples, budget_hours, memory_gib, best, runner, difference,
                     crossing, sorted(cands, key=lambda c: (not math.isfinite(c.loss), c.loss)), (min(ds), max(ds)),
                     len(reps))
@@ -294,23 +294,17 @@ def advise(store: Store, examples: int, *, budget_hours: float | None = None, me
 
 
 def _crossing(fits: dict[str, dict[str, MethodFit]], a: Candidate, b: Candidate,
-              d_range: tuple[float, float]) -> float | None:
-    """The D_f where the predicted losses of ``a`` and ``b`` cross (either one overtaking the other)."""
+              d_range: tuple[float, float]) -> tuple[float | None, str | None]:
+    """The D_f where the predicted losses of ``a`` and ``b`` cross, and which of the two is ahead above it
+    ((None, None) when they do not cross in ``d_range``)."""
     la, lb = _law(fits, a), _law(fits, b)
     if la is None or lb is None:
-        return None
-    return critical_df(la, lb, a.x, b.x, d_range) or critical_df(lb, la, b.x, a.x, d_range)
-
-
-def _overtaker(fits: dict[str, dict[str, MethodFit]], a: Candidate, b: Candidate,
-               d_range: tuple[float, float]) -> str | None:
-    """Which of the two is ahead above the crossing (None without one)."""
-    la, lb = _law(fits, a), _law(fits, b)
-    if la is None or lb is None:
-        return None
-    if critical_df(la, lb, a.x, b.x, d_range) is not None:
-        return a.name
-    return b.name if critical_df(lb, la, b.x, a.x, d_range) is not None else None
+        return None, None
+    d = critical_df(la, lb, a.x, b.x, d_range)
+    if d is not None:
+        return d, a.name
+    d = critical_df(lb, la, b.x, a.x, d_range)
+    return (d, b.name) if d is not None else (None, None)
 
 
 def _warnings(advice: Advice, ranked: list[Candidate], eligible: list[Candidate]) -> list[str]:
