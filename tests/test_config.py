@@ -11,9 +11,9 @@ from tunelab.config import ConfigError, apply_overrides, dump_config, load_confi
 from conftest import REPO
 
 CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml")
-                 if not p.name.startswith(("compare-", "sweep-lr-", "scaling-")))  # scaling specs: test_scaling_*
+                 if not p.name.startswith(("compare-", "lr-search-", "scaling-")))  # scaling specs: test_scaling_*
 COMPARE_CONFIGS = sorted((REPO / "configs").glob("compare-*.yaml"))
-SWEEP_CONFIGS = sorted((REPO / "configs").glob("sweep-lr-*.yaml"))
+SWEEP_CONFIGS = sorted((REPO / "configs").glob("lr-search-*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -34,9 +34,9 @@ def test_example_compare_configs_validate(path):
 
 @pytest.mark.parametrize("path", SWEEP_CONFIGS, ids=[p.name for p in SWEEP_CONFIGS])
 def test_example_sweep_configs_validate(path):
-    from tunelab.study.lr_search import load_sweep
+    from tunelab.study.lr_search import load_search
 
-    cfg = load_sweep(path)
+    cfg = load_search(path)
     assert cfg.methods and all(r.lrs for r in cfg.methods) and cfg.eval.tasks
 
 

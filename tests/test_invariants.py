@@ -218,13 +218,16 @@ def _quantize(row: Row, model, cfg):
     from tunelab.config import QuantizeSection, build
     from tunelab.quant.model import quantize_model
 
-    return quantize_model(model, build(QuantizeSection, row.quantize, "quantize"), cfg)
+    module = get_method(row.method)
+    low_rank = module.low_rank(cfg) if module.CAPABILITIES.loftq_init else None
+    return quantize_model(model, build(QuantizeSection, row.quantize, "quantize"), low_rank)
 
 
 def _apply(row: Row, model, cfg, state):
-    handle = get_method(row.method).apply(model, cfg)
+    module = get_method(row.method)
+    handle = module.apply(model, cfg)
     if state is not None:
-        state.init_adapters(handle)  # LoftQ's A/B
+        state.init_adapters(handle, module)  # LoftQ's A/B
     return handle
 
 

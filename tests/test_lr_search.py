@@ -1,4 +1,4 @@
-"""`tunelab sweep-lr`: every method at a grid of rates (compare rows), the best kept on the dev split."""
+"""`tunelab lr-search`: every method at a grid of rates (compare rows), the best kept on the dev split."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from tunelab.config import ConfigError
-from tunelab.study.lr_search import load_sweep, point_label, select_best, sweep
+from tunelab.study.lr_search import load_search, point_label, search, select_best
 
 
 def _cfg(tmp_path, methods, select="eval_loss", eval_fraction=0.2):
@@ -32,7 +32,7 @@ def test_sweep_trains_every_rate_and_keeps_the_lowest_dev_loss(tmp_path):
     path = _cfg(tmp_path, [
         {"label": "mask", "method": {"name": "random-mask", "fraction": 0.05}, "lrs": [1e-3, 3e-2]},
     ])
-    best = sweep(path)
+    best = search(path)
     out = tmp_path / "sweep"
     points = {r["label"]: r for r in json.loads((out / "grid" / "results.json").read_text())}
     assert set(points) == {"mask@lr=0.001", "mask@lr=0.03"}
@@ -45,9 +45,9 @@ def test_sweep_trains_every_rate_and_keeps_the_lowest_dev_loss(tmp_path):
 
 
 def test_selection_by_task_accuracy_and_ties_take_the_lower_rate():
-    from tunelab.study.lr_search import SweepConfig, SweepRow
+    from tunelab.study.lr_search import SearchConfig, SearchRow
 
-    c = SweepConfig(name="x", base={}, methods=[SweepRow("a", {"name": "lora"}, [1e-3, 1e-2, 1e-1])],
+    c = SearchConfig(name="x", base={}, methods=[SearchRow("a", {"name": "lora"}, [1e-3, 1e-2, 1e-1])],
                     select="t")
     acc = {1e-3: 0.5, 1e-2: 0.7, 1e-1: 0.7}
     results = {point_label("a", lr): {"label": point_label("a", lr), "tasks": {"t": {"accuracy": a}}}
@@ -69,4 +69,4 @@ def test_selection_by_task_accuracy_and_ties_take_the_lower_rate():
 ])
 def test_bad_sweep_configs_say_what_would_work(tmp_path, methods, kw, match):
     with pytest.raises(ConfigError, match=match):
-        load_sweep(_cfg(tmp_path, methods, **kw))
+        load_search(_cfg(tmp_path, methods, **kw))

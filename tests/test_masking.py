@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from tunelab.config import ConfigError, config_from_dict
+from tunelab.loading import load_run
 from tunelab.methods import build_method_config
 from tunelab.methods.core import MethodError
 from tunelab.methods.masking import (
@@ -25,7 +26,6 @@ from tunelab.methods.masking import (
     num_parameters,
     sample_indices,
 )
-from tunelab.runs import load_run
 from tunelab.train.loop import train
 
 from conftest import batch_for, tiny

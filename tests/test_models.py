@@ -17,9 +17,14 @@ from tunelab.models import (
     TINY_MODELS,
     ModelError,
     describe_spec,
+    directories,
+    dtype,
+    embedded,
+    gguf,
     load_model,
     model_fingerprint,
     resolve_dtype,
+    tiny,
 )
 
 TINY = sorted(TINY_MODELS)
@@ -85,13 +90,13 @@ def test_sdpa_falls_back_where_unsupported() -> None:
             )
         return "model"
 
-    assert models._with_sdpa(factory, 1) == "model" and calls == ["sdpa", None]
+    assert directories.with_sdpa(factory, 1) == "model" and calls == ["sdpa", None]
 
     def broken(**kwargs):
         raise ValueError("some other problem")
 
     with pytest.raises(ValueError, match="other problem"):  # unrelated errors are not swallowed
-        models._with_sdpa(broken)
+        directories.with_sdpa(broken)
 
 
 def test_tiny_llama_shape() -> None:
@@ -299,22 +304,22 @@ def test_resolve_dtype_names() -> None:
 
 @pytest.mark.parametrize(("fast", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
 def test_resolve_dtype_auto(monkeypatch: pytest.MonkeyPatch, fast: bool, expected: torch.dtype) -> None:
-    monkeypatch.setattr(models, "_fast_bf16_available", lambda: fast)
+    monkeypatch.setattr(dtype, "fast_bf16_available", lambda: fast)
     assert resolve_dtype("auto") is expected
     assert load_model("tiny-llama")[0].dtype is expected
 
 
 def test_cpu_bf16_detection_reads_flags(monkeypatch: pytest.MonkeyPatch) -> None:
-    models._cpu_has_fast_bf16.cache_clear()
+    dtype.cpu_has_fast_bf16.cache_clear()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     try:
-        monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2", "amx_bf16"})
-        assert models._cpu_has_fast_bf16()
-        models._cpu_has_fast_bf16.cache_clear()
-        monkeypatch.setattr(models, "_cpu_flags", lambda: {"avx2"})
-        assert not models._cpu_has_fast_bf16()
+        monkeypatch.setattr(dtype, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+        assert dtype.cpu_has_fast_bf16()
+        dtype.cpu_has_fast_bf16.cache_clear()
+        monkeypatch.setattr(dtype, "cpu_flags", lambda: {"avx2"})
+        assert not dtype.cpu_has_fast_bf16()
     finally:
-        models._cpu_has_fast_bf16.cache_clear()
+        dtype.cpu_has_fast_bf16.cache_clear()
 
 
 # ------------------------------------------------------------------------------------------------ embedded cache
@@ -336,9 +341,9 @@ def fake_embedded(tmp_path, monkeypatch: pytest.MonkeyPatch) -> dict:
 
     def convert(path, dtype):
         state["conversions"] += 1
-        return models._load_tiny("tiny-llama", dtype)
+        return tiny.load_tiny("tiny-llama", dtype)
 
-    monkeypatch.setattr(models, "_convert_gguf", convert)
+    monkeypatch.setattr(gguf, "convert_gguf", convert)
     return state
 
 
@@ -351,8 +356,8 @@ def test_embedded_cache_written_once_and_reused(fake_embedded: dict) -> None:
         == model_fingerprint(second)
         == model_fingerprint(load_model("tiny-llama", "fp32")[0])
     )
-    assert cached_tokenizer.chat_template == models._TINY_CHAT_TEMPLATE
-    assert (fake_embedded["cache"] / models._STAMP_FILE).is_file()
+    assert cached_tokenizer.chat_template == tiny.TINY_CHAT_TEMPLATE
+    assert (fake_embedded["cache"] / embedded.STAMP_FILE).is_file()
     assert [p.name for p in fake_embedded["cache"].parent.iterdir()] == [
         "smollm2-135m"
     ]  # no temp folders left
@@ -364,7 +369,7 @@ def test_embedded_cache_without_stamp_is_rebuilt(fake_embedded: dict) -> None:
     cache.mkdir(parents=True)
     (cache / "config.json").write_text("{half written")
     load_model("smollm2-135m", "fp32")
-    assert fake_embedded["conversions"] == 1 and (cache / models._STAMP_FILE).is_file()
+    assert fake_embedded["conversions"] == 1 and (cache / embedded.STAMP_FILE).is_file()
 
 
 def test_embedded_cache_rebuilt_when_source_changes(fake_embedded: dict) -> None:
@@ -372,7 +377,7 @@ def test_embedded_cache_rebuilt_when_source_changes(fake_embedded: dict) -> None
     (fake_embedded["gguf"] / "Fake-Model.Q4_0.gguf").write_bytes(b"GGUF fake, new version")
     load_model("smollm2-135m", "bf16")
     assert fake_embedded["conversions"] == 2
-    assert json.loads((fake_embedded["cache"] / models._STAMP_FILE).read_text())["gguf_bytes"] == 22
+    assert json.loads((fake_embedded["cache"] / embedded.STAMP_FILE).read_text())["gguf_bytes"] == 22
 
 
 def test_embedded_unwritable_cache_warns_and_loads(fake_embedded: dict, tmp_path, monkeypatch) -> None:
@@ -400,12 +405,12 @@ def test_embedded_model_cache_round_trip(monkeypatch: pytest.MonkeyPatch) -> Non
     started = time.perf_counter()
     model, tokenizer = load_model("smollm2-135m", "fp32")
     first_seconds = time.perf_counter() - started
-    monkeypatch.setattr(models, "_convert_gguf", pytest.fail)  # the second load must not convert
+    monkeypatch.setattr(gguf, "convert_gguf", pytest.fail)  # the second load must not convert
     started = time.perf_counter()
     cached, cached_tokenizer = load_model("smollm2-135m", "fp32")
     assert time.perf_counter() - started < max(first_seconds, 10)
     monkeypatch.undo()
-    direct, _ = models._convert_gguf(models._embedded_gguf(ALIASES["smollm2-135m"]), torch.float32)
+    direct, _ = gguf.convert_gguf(embedded.embedded_gguf(ALIASES["smollm2-135m"]), torch.float32)
     assert model_fingerprint(model) == model_fingerprint(cached) == model_fingerprint(direct)
     assert cached.config.tie_word_embeddings and cached.lm_head.weight is cached.model.embed_tokens.weight
     assert cached_tokenizer.chat_template and "<|im_start|>" in cached_tokenizer.chat_template

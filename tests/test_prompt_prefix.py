@@ -319,11 +319,18 @@ def test_init_vocab_samples_regular_tokens_and_random_matches_embedding_scale():
     assert _soft(rnd).std().item() == pytest.approx(table.std().item(), rel=0.1)
 
 
-def test_init_text_finds_the_tokenizer_of_a_loaded_model():
-    model, tok = tiny("tiny-gpt2")  # tunelab.models.load_model records the spec, so no tokenizer is passed
-    handle = prompt.apply(model, prompt.Config(num_tokens=3, init="text", init_text="Summarise:"))
-    ids = tok("Summarise:", add_special_tokens=False)["input_ids"][:3]
-    torch.testing.assert_close(_soft(handle), model.get_input_embeddings().weight[ids])
+@pytest.mark.parametrize("module", [prompt, prefix])
+def test_init_text_takes_the_tokenizer_from_the_caller(module):
+    """The caller passes the tokenizer (the trainer and load_run do); without one, init: text says so — no method
+    reloads the model to find it."""
+    model, tok = tiny("tiny-gpt2")
+    cfg = module.Config(num_tokens=3, init="text", init_text="Summarise:")
+    with pytest.raises(MethodError, match="init: text needs the model's tokenizer"):
+        module.apply(model, cfg)
+    handle = module.apply(model, cfg, tokenizer=tok)
+    if module is prompt:
+        ids = tok("Summarise:", add_special_tokens=False)["input_ids"][:3]
+        torch.testing.assert_close(_soft(handle), model.get_input_embeddings().weight[ids])
 
 
 @pytest.mark.parametrize(
@@ -395,7 +402,7 @@ def test_cache_filled_without_the_prefix_is_refused():
 @pytest.mark.parametrize(("method", "options"), [("prompt", {"num_tokens": 4, "init": "text", "init_text": "Go"}),
                                                  ("prefix", {"num_tokens": 3, "reparam": True, "reparam_hidden": 8})])
 def test_training_run_saves_and_loads_back(tmp_path, method, options):
-    from tunelab.runs import load_run
+    from tunelab.loading import load_run
     from tunelab.train.loop import train
 
     cfg = {

@@ -301,11 +301,11 @@ def test_loftq_t1_beats_qlora_on_every_layer_and_moves_outputs_toward_full_preci
     with torch.no_grad():
         full = model(**batch).logits
     cfg = lora.Config(r=8, alpha=16)
-    state = quantize_model(model, QuantizeSection(bits=bits, init="loftq", iters=1), cfg)
+    state = quantize_model(model, QuantizeSection(bits=bits, init="loftq", iters=1), lora.low_rank(cfg))
     assert all(r.loftq_error < r.qlora_error for r in state.report), [(r.name, r.loftq_error, r.qlora_error)
                                                                      for r in state.report]
     handle = lora.apply(model, cfg)
-    state.init_adapters(handle)
+    state.init_adapters(handle, lora)
     with torch.no_grad():
         loftq_logits = model(**batch).logits
         with handle.disabled():
@@ -315,10 +315,10 @@ def test_loftq_t1_beats_qlora_on_every_layer_and_moves_outputs_toward_full_preci
 
 def test_init_adapters_refuses_another_rank():
     model, _ = tiny("tiny-llama")
-    state = quantize_model(model, QuantizeSection(bits=4, init="loftq"), lora.Config(r=4, alpha=8))
+    state = quantize_model(model, QuantizeSection(bits=4, init="loftq"), lora.low_rank(lora.Config(r=4, alpha=8)))
     handle = lora.apply(model, lora.Config(r=2, alpha=8))
     with pytest.raises(QuantError, match="Use the same method.r and method.alpha"):
-        state.init_adapters(handle)
+        state.init_adapters(handle, lora)
 
 
 def test_mixed_precision_by_layer_index():
@@ -375,7 +375,7 @@ def _train(tmp_path, name, overrides):
 
 
 def _logits_of_run(run_dir):
-    from tunelab.runs import load_run
+    from tunelab.loading import load_run
 
     model, tok, _, _ = load_run(run_dir)
     with torch.no_grad():
@@ -387,11 +387,11 @@ def test_train_with_a_quantize_section_and_load_the_run(tmp_path):
     assert (result.run_dir / "quantized_base.safetensors").is_file()
     first = _logits_of_run(result.run_dir)
     torch.testing.assert_close(_logits_of_run(result.run_dir), first)
-    model, tok, handle, _ = __import__("tunelab.runs", fromlist=["load_run"]).load_run(result.run_dir)
+    model, tok, handle, _ = __import__("tunelab.loading", fromlist=["load_run"]).load_run(result.run_dir)
     assert sum(isinstance(m, QuantLinear) for m in model.modules()) == 14
-    with pytest.raises(QuantError, match="full tuning"):
+    with pytest.raises(QuantError, match="method .full. trains the base weights"):
         _train(tmp_path, "full", ["method.name=full", "quantize.bits=4"])
-    with pytest.raises(QuantError, match="needs method: lora"):
+    with pytest.raises(QuantError, match="needs a method that starts from them"):
         _train(tmp_path, "series", ["method.name=series", "method.bottleneck=4", "quantize.init=loftq"])
 
 
@@ -415,16 +415,17 @@ def test_quantize_cli_writes_a_base_that_trains(tmp_path, capsys):
 def test_quantized_base_directory_initialises_lora_with_the_loftq_factors(tmp_path):
     from safetensors.torch import load_file
 
-    from tunelab.models import load_model
+    from tunelab.loading import load_base
     from tunelab.quant.base import ADAPTER_INIT, prepare, quantize_to_dir
 
     out = tmp_path / "base"
-    quantize_to_dir("tiny-llama", QuantizeSection(bits=4, init="loftq"), lora.Config(r=4, alpha=8), out)
-    model, _ = load_model(str(out), "fp32")
+    quantize_to_dir("tiny-llama", QuantizeSection(bits=4, init="loftq"), lora.low_rank(lora.Config(r=4, alpha=8)),
+                    out)
+    model, _ = load_base(str(out), "fp32")
     cfg = load_config(None, [f"model.name={out}", "method.name=lora", "method.r=4", "method.alpha=8"])
-    state = prepare(model, cfg, cfg.method_config())
+    state = prepare(model, cfg, lora, cfg.method_config())
     handle = lora.apply(model, cfg.method_config())
-    state.init_adapters(handle)
+    state.init_adapters(handle, lora)
     saved = load_file(str(out / ADAPTER_INIT))
     torch.testing.assert_close(handle.state_dict(), saved)
 
@@ -512,9 +513,9 @@ def test_quant_head_saves_no_table_sized_tensor_for_backward():
 def _untied_llama():
     from transformers import AutoModelForCausalLM
 
-    from tunelab.models import _tiny_llama_config
+    from tunelab.models.tiny import tiny_llama_config
 
-    cfg = _tiny_llama_config()
+    cfg = tiny_llama_config()
     cfg.tie_word_embeddings = False
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -635,8 +636,8 @@ def test_embeddings_option_in_config_and_hash():
 
 
 def test_train_and_load_a_run_with_quantized_embeddings(tmp_path):
+    from tunelab.loading import load_run
     from tunelab.quant.embedding import QuantEmbedding, QuantHead
-    from tunelab.runs import load_run
 
     result = _train(tmp_path, "emb", [*LORA, "quantize.bits=4", "quantize.embeddings=true"])
     assert result.total_params == tiny("tiny-llama")[0].num_parameters()
@@ -651,7 +652,7 @@ def test_train_and_load_a_run_with_quantized_embeddings(tmp_path):
 
 def test_quantize_cli_embeddings_flag(tmp_path, capsys):
     from tunelab.cli import main
-    from tunelab.models import load_model
+    from tunelab.loading import load_base
     from tunelab.quant.embedding import QuantEmbedding
 
     out = tmp_path / "nf4-emb"
@@ -659,7 +660,7 @@ def test_quantize_cli_embeddings_flag(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "model.embed_tokens (embedding)" in printed and "lm_head (tied head)" in printed
     assert "embedding table(s)" in printed
-    model, _ = load_model(str(out), "fp32")
+    model, _ = load_base(str(out), "fp32")
     assert isinstance(model.get_input_embeddings(), QuantEmbedding)
     result = _train(tmp_path, "on-emb-dir", [*LORA, f"model.name={out}"])
     assert result.total_params == tiny("tiny-llama")[0].num_parameters()

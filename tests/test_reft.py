@@ -320,7 +320,7 @@ def test_loglik_scoring_edits_the_context_only():
 
 @pytest.mark.parametrize("module", VARIANTS)
 def test_training_run_keeps_r_orthonormal_saves_and_loads_back(tmp_path, module):
-    from tunelab.runs import load_run
+    from tunelab.loading import load_run
     from tunelab.train.loop import train
 
     name = module.Config.method

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from test_train import cfg_dict
 from tunelab.cli import main
 from tunelab.config import ConfigError, config_from_dict
+from tunelab.errors import RunError
+from tunelab.files import read_jsonl
 from tunelab.methods.core import MethodError
 from tunelab.models import ModelError, load_model
-from tunelab.runs import LOCK_FILE, RunError, RunLock, read_jsonl
+from tunelab.rundir import LOCK_FILE, RunLock
 from tunelab.train.loop import Trainer, TrainingDiverged, train
 
 from conftest import REPO, tiny
@@ -39,7 +41,7 @@ def write_cfg(tmp_path: Path, **over) -> Path:
 
 def _hold_lock(run_dir: Path) -> subprocess.Popen:
     """Another process that holds the run folder's lock until it is killed."""
-    code = ("import sys, time; from tunelab.runs import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
+    code = ("import sys, time; from tunelab.rundir import RunLock; lock = RunLock(sys.argv[1]).acquire(); "
             "print('held', flush=True); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=REPO)
     assert proc.stdout.readline().strip() == "held"

@@ -104,7 +104,7 @@ def test_shipped_spec_is_the_full_toy_study():
 
 def test_shipped_real_model_spec_and_its_rate_search_validate():
     """The real-model study (issue 17): one model, PET axes for LoRA rank and prompt length, D_f 32..4096 in mc-text."""
-    from tunelab.study.lr_search import load_sweep
+    from tunelab.study.lr_search import load_search
 
     spec = load_spec(REPO / "configs" / "scaling-smollm2-obqa.yaml")
     runs = expand(spec)
@@ -112,7 +112,7 @@ def test_shipped_real_model_spec_and_its_rate_search_validate():
     assert {r.config["data"]["format"] for r in runs} == {"mc-text"}
     assert {(r.factors["method"], r.factors["pet_size"]) for r in runs if "pet" in r.factors["axes"]} == {
         ("lora", 4), ("lora", 16), ("lora", 64), ("prompt", 10), ("prompt", 50), ("prompt", 200)}
-    search = load_sweep(REPO / "configs" / "sweep-lr-scaling-obqa.yaml")
+    search = load_search(REPO / "configs" / "lr-search-scaling-obqa.yaml")
     assert [m.label for m in search.methods] == ["full", "lora-r16", "prompt-50"]
     assert all(len(m.lrs) >= 4 and max(m.lrs) / min(m.lrs) > 99.9 for m in search.methods)
 

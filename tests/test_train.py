@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from tunelab.config import ConfigError, config_from_dict
-from tunelab.runs import RunError, load_run
+from tunelab.errors import RunError
+from tunelab.loading import load_run
 from tunelab.train.loop import TrainingDiverged, train
 from tunelab.train.objective import linear_cross_entropy, nll_sum
 from tunelab.train.schedules import lr_factor

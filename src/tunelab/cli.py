@@ -19,7 +19,7 @@ EPILOG = """examples:
   tunelab generate runs/lora --prompt "What is 12 + 30?"
   tunelab eval runs/lora --task synth-date-format --task arc-easy-ll --data-dir DATA --limit 200
   tunelab compare configs/compare-date.yaml      several methods, same budget, one table (md, csv, png)
-  tunelab sweep-lr configs/sweep-lr-mask-arc-easy.yaml   each method at a grid of rates, best on a dev split
+  tunelab lr-search configs/lr-search-mask-arc-easy.yaml   each method at a grid of rates, best on a dev split
   tunelab tasks                                  list evaluation tasks
   tunelab methods                                list methods with their options and defaults
   tunelab quantize smollm2-135m --bits 2 --init loftq --rank 16 --alpha 16 --out runs/nf2-loftq
@@ -70,8 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config", help="compare YAML (see configs/compare-*.yaml)")
     c.add_argument("--rerun", action="store_true", help="redo rows that finished earlier")
 
-    sw = sub.add_parser("sweep-lr", help="train each method at a grid of learning rates; keep the best on a dev split")
-    sw.add_argument("config", help="sweep YAML (see configs/sweep-lr-*.yaml and tunelab.study.lr_search)")
+    sw = sub.add_parser("lr-search", aliases=["sweep-lr"],
+                        help="train each method at a grid of learning rates; keep the best on a dev split "
+                             "(sweep-lr: its former name)")
+    sw.add_argument("config", help="LR-search YAML (see configs/lr-search-*.yaml and tunelab.study.lr_search)")
     sw.add_argument("--rerun", action="store_true", help="redo points that finished earlier")
 
     su = sub.add_parser("suite", help="a real-data suite under the protocol: LR search on a dev split, seeds, "
@@ -108,6 +110,8 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--quant", choices=("nf", "int"), default="nf", help="NormalFloat or symmetric INT-k codes")
     q.add_argument("--init", choices=("loftq", "qlora"), default="loftq")
     q.add_argument("--iters", type=int, default=1, help="LoftQ alternations T (the paper also uses 5)")
+    q.add_argument("--method", default="lora",
+                   help="the method whose low-rank update LoftQ initialises (one with LoftQ init: lora)")
     q.add_argument("--rank", type=int, default=16, help="LoRA rank r the LoftQ factors are computed for")
     q.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scaling alpha/r is folded in)")
     q.add_argument("--rslora", action="store_true", help="LoRA scaling alpha/sqrt(r)")
@@ -125,7 +129,8 @@ def _quantize_parser(sub: argparse._SubParsersAction) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from tunelab.config import QuantizeSection, build
-    from tunelab.methods.lora import Config as LoraConfig
+    from tunelab.errors import ConfigError
+    from tunelab.methods import build_method_config, get_method
     from tunelab.quant.base import quantize_to_dir
     from tunelab.quant.model import format_report
 
@@ -134,12 +139,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                                       "mixed": args.mixed, "mixed_bits": args.mixed_bits,
                                       "embeddings": args.embeddings, "embedding_bits": args.embedding_bits},
                     "quantize")
-    lora = LoraConfig(r=args.rank, alpha=args.alpha, rslora=args.rslora, targets=args.targets)
+    method = get_method(args.method)
+    if not method.CAPABILITIES.loftq_init:
+        raise ConfigError(f"--method {args.method}: LoftQ initialises a low-rank update and this method has none; "
+                          f"use --method lora (the quantized base itself works with every adapter method)")
+    options = {"name": args.method, "r": args.rank, "alpha": args.alpha, "rslora": args.rslora, "targets": args.targets}
+    low_rank = method.low_rank(build_method_config(options))
     out = args.out or f"runs/quant-{Path(args.model).name}-{args.quant}{args.bits}-{args.init}"
-    state, memory = quantize_to_dir(args.model, section, lora, out)
+    state, memory = quantize_to_dir(args.model, section, low_rank, out)
     print(format_report(state.report, memory))
+    trained = f", method: {args.method}, r: {args.rank}, alpha: {args.alpha:g})" if state.factors else ")"
     print(f"quantized in {state.seconds:.1f} s; quantized base written to {out}/ (train on it with "
-          f"model.name: {out}" + (f", method: lora, r: {args.rank}, alpha: {args.alpha:g})" if state.factors else ")"))
+          f"model.name: {out}" + trained)
     return 0
 
 
@@ -164,13 +175,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from tunelab.data import Record, render_prompt
     from tunelab.eval.generate import generate
-    from tunelab.models import load_model
-    from tunelab.runs import is_run_dir, load_run
+    from tunelab.loading import load_base, load_run
+    from tunelab.rundir import is_run_dir
 
     if is_run_dir(args.target):
         model, tokenizer, _handle, _cfg = load_run(args.target, allow_base_mismatch=args.allow_base_mismatch)
     else:
-        model, tokenizer = load_model(args.target)
+        model, tokenizer = load_base(args.target)
     if args.template == "none":
         prompts = list(args.prompt)
     else:
@@ -193,7 +204,7 @@ def seen_questions(paths: Sequence[str]) -> frozenset[str]:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tunelab.eval.harness import EvalOptions, evaluate, format_summary
-    from tunelab.runs import is_run_dir
+    from tunelab.rundir import is_run_dir
 
     out = args.out or (str(Path(args.target) / "eval") if is_run_dir(args.target) else "eval")
     opts = EvalOptions(data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
@@ -216,11 +227,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0 if all("error" not in r for r in results) else 1
 
 
-def cmd_sweep_lr(args: argparse.Namespace) -> int:
-    from tunelab.study.lr_search import format_best, load_sweep, sweep
+def cmd_lr_search(args: argparse.Namespace) -> int:
+    from tunelab.study.lr_search import format_best, load_search, search
 
-    best = sweep(args.config, rerun=args.rerun)
-    print(format_best(Path(load_sweep(args.config).output_dir)))
+    best = search(args.config, rerun=args.rerun)
+    print(format_best(Path(load_search(args.config).output_dir)))
     return 0 if all("error" not in r for r in best) else 1
 
 
@@ -277,7 +288,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
-            "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize, "sweep-lr": cmd_sweep_lr,
+            "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize, "lr-search": cmd_lr_search, "sweep-lr": cmd_lr_search,
             "suite": cmd_suite,
             **SCALING_COMMANDS}
 

@@ -43,7 +43,8 @@ def demo_config(model: str, steps: int, output_dir: str, task: str = DEMO_TASK) 
 def run_demo(model: str = "smollm2-135m", steps: int | None = None, output_dir: str | None = None,
              n_test: int = 64, task: str = DEMO_TASK, show: int = 4) -> dict[str, Any]:
     """The main job end to end; returns the before/after scores."""
-    from tunelab.models import load_model, resolve_dtype
+    from tunelab.loading import load_base
+    from tunelab.models import resolve_dtype
     from tunelab.train.loop import train
 
     t0 = time.perf_counter()
@@ -51,7 +52,7 @@ def run_demo(model: str = "smollm2-135m", steps: int | None = None, output_dir: 
     output_dir = output_dir or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"[demo] loading {model} ...", flush=True)
     # Score in fp32 (greedy decoding in bf16 can depend on the batch composition), train in bf16 with fp32 LoRA.
-    base, tokenizer = load_model(model, "fp32")
+    base, tokenizer = load_base(model, "fp32")
     out = Path(output_dir)
     example = synthetic(task, "test", 1, seed=0)[0]
     print(f"[demo] task '{task}': {n_test} held-out test problems, e.g. {example.instruction!r} -> {example.output!r}")

@@ -20,23 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import DataError as DataError
+
 _SKIP_HINT = "or pass --skip-bad-rows to skip bad rows."
-
-
-class DataError(ValueError):
-    """A data problem, written for the person running the command.
-
-    The message names the file, the line and the field, and says what would work. ``source``, ``line`` and
-    ``field`` repeat those for programs (``None`` where they do not apply).
-    """
-
-    def __init__(
-        self, message: str, *, source: str | None = None, line: int | None = None, field: str | None = None
-    ) -> None:
-        super().__init__(message)
-        self.source = source
-        self.line = line
-        self.field = field
 
 
 @dataclass(frozen=True)

@@ -16,13 +16,13 @@ from typing import Any
 
 import torch
 
-from tunelab.config import ConfigError
 from tunelab.data import Record, encode_prompts, tokenize_records
+from tunelab.errors import ConfigError
 from tunelab.eval.generate import GenerationSettings, generate_ids
 from tunelab.eval.metrics import perplexity, summarize_accuracy
 from tunelab.eval.parsers import PARSERS
 from tunelab.eval.tasks import TaskSpec, discover_tasks, get_task, select_examples
-from tunelab.runs import atomic_write_json, atomic_write_text
+from tunelab.files import atomic_write_json, atomic_write_text
 
 
 @dataclass
@@ -149,13 +149,13 @@ def evaluate_task(model: Any, tok: Any, spec: TaskSpec, opts: EvalOptions,
 
 def load_target(target: str, dtype: str = "fp32", allow_base_mismatch: bool = False):
     """(model, tokenizer, training template or None, description) for a run directory or a model spec."""
-    from tunelab.models import load_model
-    from tunelab.runs import is_run_dir, load_run
+    from tunelab.loading import load_base, load_run
+    from tunelab.rundir import is_run_dir
 
     if is_run_dir(target):
         model, tok, _handle, cfg = load_run(target, dtype=dtype, allow_base_mismatch=allow_base_mismatch)
         return model, tok, cfg.data.template, f"run {target}"
-    model, tok = load_model(target, dtype)
+    model, tok = load_base(target, dtype)
     return model, tok, None, f"model {target}"
 
 

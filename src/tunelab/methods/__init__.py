@@ -28,7 +28,7 @@ REGISTRY: dict[str, str] = {
 
 def get_method(name: str) -> ModuleType:
     """The module implementing method ``name``."""
-    from tunelab.config import ConfigError, suggest
+    from tunelab.errors import ConfigError, suggest
 
     if name not in REGISTRY:
         raise ConfigError(f"unknown method '{name}'.{suggest(name, REGISTRY)} Methods: {', '.join(REGISTRY)}")
@@ -37,7 +37,7 @@ def get_method(name: str) -> ModuleType:
 
 def build_method_config(section: dict[str, Any]) -> Any:
     """{'name': 'lora', 'r': 8, ...} -> tunelab.methods.lora.Config(r=8, ...), with typed checks."""
-    from tunelab.config import build
+    from tunelab.schema import build
 
     options = {k: v for k, v in section.items() if k != "name"}
     module = get_method(str(section.get("name", "")))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
 from tunelab.methods.core import (
     MethodError,
     MethodHandle,

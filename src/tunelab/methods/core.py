@@ -20,10 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-
-class MethodError(ValueError):
-    """A method cannot be applied as configured (message says what would work)."""
-
+from tunelab.errors import MethodError as MethodError
 
 # --------------------------------------------------------------------------------------------------------------
 # Targets

@@ -12,10 +12,11 @@ paper's equation (no constraint). Machinery: ``tunelab.methods.reft``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
+from tunelab.methods.contract import Capabilities
 from tunelab.methods.core import MethodHandle
 from tunelab.methods.reft import ReftConfig, apply_reft, count_reft
 
@@ -23,6 +24,7 @@ DESCRIPTION = "DiReFT: h + W₂ᵀ(W₁h + b) at the first/last prompt positions
 PAPER = ("Wu et al., 2024, ReFT: Representation Finetuning for Language Models, https://arxiv.org/abs/2404.03592")
 
 
+CAPABILITIES = Capabilities()
 @dataclass(frozen=True)
 class Config(ReftConfig):
     """r, layers, positions, tied, dropout, activation: see tunelab.methods.reft."""
@@ -31,7 +33,7 @@ class Config(ReftConfig):
     orthogonal: ClassVar[bool] = False
 
 
-def apply(model: nn.Module, config: Config) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Freeze the model and add a DiReFT intervention per chosen layer (and span, when untied)."""
     return apply_reft(model, config)
 

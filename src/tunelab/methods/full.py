@@ -9,13 +9,16 @@ There is no separate adapter: the tuned weights are the model, so merge and disa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
+from tunelab.methods.contract import Capabilities
 from tunelab.methods.core import MethodHandle, count_parameters, find_targets, freeze
 
 DESCRIPTION = "Full fine-tuning of all weights (or of the modules matched by 'targets')"
 PAPER = "Standard full-model fine-tuning (FMT in Zhang et al., ICLR 2024, https://arxiv.org/abs/2402.17193)"
+CAPABILITIES = Capabilities(trains_base_weights=True)
 NO_MERGE = "full tuning writes into the base weights; there is no separate adapter to merge or disable"
 
 
@@ -32,7 +35,7 @@ def _selected(model: nn.Module, config: Config) -> list[nn.Module]:
     return [model.get_submodule(n) for n in names]
 
 
-def apply(model: nn.Module, config: Config) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Unfreeze the selected modules' parameters (all of them by default)."""
     freeze(model)
     for module in _selected(model, config):

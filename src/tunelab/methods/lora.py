@@ -13,13 +13,14 @@ import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError, QuantError
+from tunelab.methods.contract import Capabilities, LowRank
 from tunelab.methods.core import (
     ALL_LINEAR,
     MethodError,
@@ -34,6 +35,7 @@ DESCRIPTION = "LoRA: W + (α/r)·B·A on target linear layers (mergeable)"
 PAPER = "Hu et al., 2021, LoRA: Low-Rank Adaptation of Large Language Models, https://arxiv.org/abs/2106.09685"
 
 
+CAPABILITIES = Capabilities(mergeable=True, loftq_init=True, exports=("peft",))
 @dataclass(frozen=True)
 class Config:
     r: int = 8
@@ -180,7 +182,7 @@ class LoraLinear(nn.Module):
         return f"r={self.r}, scaling={self.scaling:g}"
 
 
-def apply(model: nn.Module, config: Config) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Freeze the model and wrap every target linear layer with a LoraLinear."""
     names = find_targets(model, config.targets)
     for name in names:
@@ -200,6 +202,30 @@ def apply(model: nn.Module, config: Config) -> MethodHandle:
 def num_parameters(model: nn.Module, config: Config) -> int:
     """Closed form: Σ over targets of r·(d_in + d_out)."""
     return sum(config.r * sum(linear_shape(model.get_submodule(n))) for n in find_targets(model, config.targets))
+
+
+def low_rank(config: Config) -> LowRank:
+    """The update LoftQ computes factors for (``tunelab.quant``): rank, scaling, targets."""
+    return LowRank(r=config.r, alpha=config.alpha, rslora=config.rslora, scaling=config.scaling,
+                   targets=config.targets)
+
+
+def init_low_rank(handle: MethodHandle, factors: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                  made_for: dict[str, Any]) -> None:
+    """Start every LoRA layer from its LoftQ factors (A, B); ``made_for``: the r and scaling they were computed for."""
+    missing = sorted(set(factors) - set(handle.layers))
+    if missing:
+        raise QuantError(f"LoftQ factors exist for {missing[:3]} but the method did not wrap them; use the same "
+                         f"targets for method and quantize, or init: qlora")
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            layer = handle.layers[name]
+            if layer.lora_A.shape != a.shape or abs(layer.scaling - made_for.get("scaling", float("nan"))) > 1e-12:
+                raise QuantError(f"LoftQ factors of {name} were computed for r={made_for.get('r')} "
+                                 f"scaling={made_for.get('scaling', float('nan')):g}; the method has r={layer.r} "
+                                 f"scaling={layer.scaling:g}. Use the same method.r and method.alpha")
+            layer.lora_A.copy_(a)
+            layer.lora_B.copy_(b)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -236,7 +262,7 @@ def export(handle: MethodHandle, out_dir: Path, base_model_id: str = "") -> Path
         "inference_mode": True,
         "modules_to_save": None,
     }
-    from tunelab.runs import atomic_write_bytes, atomic_write_text
+    from tunelab.files import atomic_write_bytes, atomic_write_text
 
     atomic_write_text(out_dir / "adapter_config.json", json.dumps(peft_config, indent=2))
     atomic_write_bytes(out_dir / "adapter_model.safetensors", _safetensors_bytes(tensors))

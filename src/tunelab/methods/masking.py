@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
+from tunelab.methods.contract import Capabilities
 from tunelab.methods.core import (
     ALL_LINEAR,
     MethodError,
@@ -49,6 +50,7 @@ DESCRIPTION = "Random masking: W₀ + M⊙Δ on a fixed random subset of weight 
 PAPER = ("Xu & Zhang, 2024, Random Masking Finds Winning Tickets for Parameter Efficient Fine-tuning (ICML), "
          "https://arxiv.org/abs/2405.02596")
 
+CAPABILITIES = Capabilities(mergeable=True)
 CHUNK_ELEMENTS = 1 << 22  # largest tokens × entries temporary of the value gradient (16 MiB in fp32)
 FUSED_MIN_WORK = 1 << 14  # tokens × entries from which the value gradient uses the compiled (fused) kernel
 
@@ -300,7 +302,7 @@ def plan(model: nn.Module, config: Config) -> dict[str, int]:
     return dict(zip(names, counts, strict=True))
 
 
-def apply(model: nn.Module, config: Config) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Freeze the model, draw each target's mask from (seed, module name), wrap targets with MaskedLinear."""
     counts = plan(model, config)
     freeze(model)

@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from tunelab.methods import bottleneck as bn
+from tunelab.methods.contract import Capabilities
 from tunelab.methods.core import MethodHandle
 
 DESCRIPTION = "Parallel adapter: module(x) + s·up(f(down(x))) beside the MLP or named linears (not mergeable)"
@@ -27,6 +28,7 @@ PAPER = ("He et al., 2022, Towards a Unified View of Parameter-Efficient Transfe
          "https://arxiv.org/abs/2110.04366; Hu et al., 2023, LLM-Adapters, https://arxiv.org/abs/2304.01933")
 
 
+CAPABILITIES = Capabilities()
 @dataclass(frozen=True)
 class Config(bn.AdapterConfig):
     """bottleneck, activation, scaling, dropout, init, bias, targets: see tunelab.methods.bottleneck."""
@@ -60,7 +62,7 @@ class ParallelAdapter(nn.Module):
         return self.base_layer
 
 
-def apply(model: nn.Module, config: Config) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Freeze the model and wrap every target module with a ParallelAdapter."""
     return bn.inject(model, config, ParallelAdapter, side="input")
 

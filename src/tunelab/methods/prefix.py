@@ -33,12 +33,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
+from tunelab.methods.contract import Capabilities
 from tunelab.methods.core import MethodError, MethodHandle, embedding_device, embedding_dtype, freeze
 
 DESCRIPTION = "Prefix tuning: learned keys/values of P virtual tokens in every attention layer (optional MLP reparam)"
 PAPER = ("Li & Liang, 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, "
          "https://arxiv.org/abs/2101.00190")
+CAPABILITIES = Capabilities()
 NO_MERGE = ("the prefix adds P attention entries (keys/values) in every layer; attention over them is not a linear "
             "map of the input, so there is no weight update to fold into the base model")
 MODULE_NAME = "prefix_tuning"
@@ -138,22 +140,12 @@ def initial_token_ids(model: nn.Module, num_tokens: int, init: str, init_text: s
 
 def _text_ids(model: nn.Module, text: str, tokenizer: Any) -> list[int]:
     if tokenizer is None:
-        tokenizer = _tokenizer_of(model)
+        raise MethodError("init: text needs the model's tokenizer: the caller passes it (apply(model, config, "
+                          "tokenizer=tok); `tunelab train` and load_run do), or use init: vocab or random")
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise MethodError(f"init_text {text!r} has no tokens")
     return ids
-
-
-def _tokenizer_of(model: nn.Module) -> Any:
-    """The tokenizer that goes with a model loaded by ``tunelab.models.load_model`` (it records the spec)."""
-    spec = getattr(model, "tunelab_spec", None)
-    if spec is None:
-        raise MethodError("init: text needs the model's tokenizer: pass apply(model, config, tokenizer=...) or load "
-                          "the model with tunelab.models.load_model")
-    from tunelab.models import load_model
-
-    return load_model(spec)[1]
 
 
 def input_embeddings(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -389,10 +381,10 @@ class PrefixKV(nn.Module):
         return f"num_tokens={self.num_tokens}, reparam={self.reparam}"
 
 
-def apply(model: nn.Module, config: Config, tokenizer: Any = None) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Add a learned prefix of ``config.num_tokens`` keys/values to every attention layer.
 
-    ``tokenizer`` is only needed for ``init: text`` with a model not loaded by ``tunelab.models.load_model``.
+    ``tokenizer`` (the model's) is needed for ``init: text``.
     """
     check_fits("prefix", model, config.num_tokens)
     geo = geometry(model)

@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from tunelab.methods.contract import Capabilities
 from tunelab.methods.core import MethodHandle, embedding_dtype
 from tunelab.methods.prefix import (
     KV,
@@ -36,6 +37,7 @@ from tunelab.methods.prefix import (
 DESCRIPTION = "Prompt tuning: P trainable soft-token embeddings before the input"
 PAPER = ("Lester et al., 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, "
          "https://arxiv.org/abs/2104.08691")
+CAPABILITIES = Capabilities()
 NO_MERGE = ("soft tokens are extra inputs that every layer attends to; attention over them is not a linear map "
             "of the input, so there is no weight update to fold into the base model")
 MODULE_NAME = "prompt_tuning"
@@ -85,10 +87,10 @@ def initial_prompt(model: nn.Module, config: Config, tokenizer: Any = None) -> t
     return input_embeddings(model, ids).detach().float().clone()
 
 
-def apply(model: nn.Module, config: Config, tokenizer: Any = None) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Prepend ``config.num_tokens`` trainable soft tokens to every input of ``model``.
 
-    ``tokenizer`` is only needed for ``init: text`` with a model not loaded by ``tunelab.models.load_model``.
+    ``tokenizer`` (the model's) is needed for ``init: text``.
     """
     check_fits("prompt", model, config.num_tokens)
     source = SoftPrompt(initial_prompt(model, config, tokenizer))

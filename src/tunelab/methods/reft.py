@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.config import ConfigError
+from tunelab.errors import ConfigError
 from tunelab.methods.bottleneck import ACTIVATIONS, map_first
 from tunelab.methods.core import MethodError, MethodHandle, current_prompt_lengths, embedding_device, freeze
 

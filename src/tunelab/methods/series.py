@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from tunelab.methods import bottleneck as bn
+from tunelab.methods.contract import Capabilities
 from tunelab.methods.core import MethodHandle
 
 DESCRIPTION = "Series adapter: h + s·up(f(down(h))) after the MLP / attention output (not mergeable)"
@@ -29,6 +30,7 @@ PAPER = ("Houlsby et al., 2019, Parameter-Efficient Transfer Learning for NLP, h
          "Hu et al., 2023, LLM-Adapters, https://arxiv.org/abs/2304.01933")
 
 
+CAPABILITIES = Capabilities()
 @dataclass(frozen=True)
 class Config(bn.AdapterConfig):
     """bottleneck, activation, scaling, dropout, init, bias, targets: see tunelab.methods.bottleneck."""
@@ -60,7 +62,7 @@ class SeriesAdapter(nn.Module):
         return self.base_layer
 
 
-def apply(model: nn.Module, config: Config) -> MethodHandle:
+def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodHandle:
     """Freeze the model and wrap every target module with a SeriesAdapter."""
     return bn.inject(model, config, SeriesAdapter, side="output")
 

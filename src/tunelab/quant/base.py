@@ -86,8 +86,8 @@ def write_quantized_base(out: str | Path, state: QuantState, model: nn.Module, b
     """Write a quantized base directory (see module docstring) from a ``quantize_model`` result."""
     from dataclasses import asdict
 
+    from tunelab.files import atomic_save_tensors, atomic_write_json
     from tunelab.models import describe_spec
-    from tunelab.runs import atomic_save_tensors, atomic_write_json
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,9 +107,10 @@ def write_quantized_base(out: str | Path, state: QuantState, model: nn.Module, b
 # --------------------------------------------------------------------------------------------------------------
 
 
-def prepare(model: nn.Module, cfg: Any, method_cfg: Any) -> QuantState | None:
-    """Called by the trainer before the method is applied: quantize as ``cfg.quantize`` says (returns the state
-    whose ``init_adapters`` runs after the method), or pick up a quantized base directory's LoftQ factors."""
+def prepare(model: nn.Module, cfg: Any, method: Any, method_cfg: Any) -> QuantState | None:
+    """Called by the trainer before ``method`` (its module) is applied: quantize as ``cfg.quantize`` says (returns
+    the state whose ``init_adapters`` runs after the method), or pick up a quantized base directory's LoftQ
+    factors."""
     spec = cfg.model.name
     if is_quantized_base(spec):
         if cfg.quantize is not None:
@@ -118,11 +119,12 @@ def prepare(model: nn.Module, cfg: Any, method_cfg: Any) -> QuantState | None:
         return _state_from_dir(spec)
     if cfg.quantize is None:
         return None
-    if cfg.method_name() == "full":
-        raise QuantError("quantize: full tuning trains the base weights, which a quantized base holds as frozen "
-                         "codes; use method: lora (QLoRA/LoftQ) or another adapter method, or drop quantize")
-    lora = method_cfg if cfg.method_name() == "lora" else None
-    return quantize_model(model, cfg.quantize, lora)
+    if method.CAPABILITIES.trains_base_weights:
+        raise QuantError(f"quantize: method '{cfg.method_name()}' trains the base weights, which a quantized base "
+                         f"holds as frozen codes; use method: lora (QLoRA/LoftQ) or another adapter method, or drop "
+                         f"quantize")
+    low_rank = method.low_rank(method_cfg) if method.CAPABILITIES.loftq_init else None
+    return quantize_model(model, cfg.quantize, low_rank)
 
 
 def _state_from_dir(path: str) -> QuantState:
@@ -156,9 +158,10 @@ def install_run_quantization(model: nn.Module, run_dir: str | Path, cfg: Any) ->
     install_quantized_layers(model, path)
 
 
-def quantize_to_dir(spec: str, section: Any, lora: Any, out: str | Path) -> tuple[QuantState, dict[str, Any]]:
+def quantize_to_dir(spec: str, section: Any, low_rank: Any, out: str | Path) -> tuple[QuantState, dict[str, Any]]:
     """`tunelab quantize`: load ``spec`` in fp32, quantize it (LoftQ when ``section.init == 'loftq'``, for the
-    LoRA config ``lora``), write the quantized base directory ``out``; returns the state and the memory report."""
+    low-rank update ``low_rank``), write the quantized base directory ``out``; returns the state and the memory
+    report."""
     from tunelab.models import load_model, model_fingerprint
 
     if is_quantized_base(spec):
@@ -166,7 +169,7 @@ def quantize_to_dir(spec: str, section: Any, lora: Any, out: str | Path) -> tupl
                          f"{read_base_meta(spec)['base_model']!r}")
     model, _ = load_model(spec, "fp32")
     fingerprint = model_fingerprint(model)
-    state = quantize_model(model, section, lora)
+    state = quantize_model(model, section, low_rank)
     adapter = {}
     for name, (a, b) in state.factors.items():
         adapter[f"{name}.lora_A"], adapter[f"{name}.lora_B"] = a, b

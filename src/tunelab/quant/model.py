@@ -22,16 +22,13 @@ import torch
 from torch import nn
 
 from tunelab.config import QuantizeSection
-from tunelab.methods.core import MethodError, find_targets, get_submodule_parent, linear_shape
+from tunelab.errors import QuantError as QuantError
+from tunelab.methods.contract import LowRank
+from tunelab.methods.core import find_targets, get_submodule_parent, linear_shape
 from tunelab.quant.embedding import QuantEmbedding, QuantHead, QuantTable, quantize_table
 from tunelab.quant.linear import QuantLinear, dense_weight
 from tunelab.quant.loftq import loftq, relative_error
 from tunelab.quant.quantizers import QuantizedTensor, QuantSpec, dequantize, quantize
-
-
-class QuantError(MethodError):
-    """Quantization cannot be applied as configured (message says what would work)."""
-
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
@@ -77,27 +74,20 @@ class QuantState:
     tables: dict[str, nn.Module] = field(default_factory=dict)  # name -> QuantEmbedding / QuantHead
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (A, B)
     report: list[LayerReport] = field(default_factory=list)
-    lora: dict[str, Any] | None = None  # r, alpha, scaling of the LoRA the factors were computed for
+    lora: dict[str, Any] | None = None  # r, alpha, rslora, scaling of the update the factors were computed for
     seconds: float = 0.0
     save_with_run: bool = True  # False when the model came from a quantized base directory
 
-    def init_adapters(self, handle: Any) -> None:
-        """Copy the LoftQ factors into the LoRA layers of ``handle`` (no-op for QLoRA: B = 0 already)."""
+    def init_adapters(self, handle: Any, method: Any) -> None:
+        """Start the method's update from the LoftQ factors (``method.init_low_rank``); a no-op without factors
+        (QLoRA: the update starts at zero already)."""
         if not self.factors:
             return
-        missing = sorted(set(self.factors) - set(handle.layers))
-        if missing:
-            raise QuantError(f"LoftQ factors exist for {missing[:3]} but the method did not wrap them; use the same "
-                             f"targets for method and quantize, or init: qlora")
-        with torch.no_grad():
-            for name, (a, b) in self.factors.items():
-                layer = handle.layers[name]
-                if layer.lora_A.shape != a.shape or abs(layer.scaling - self.lora["scaling"]) > 1e-12:
-                    raise QuantError(f"LoftQ factors of {name} were computed for r={self.lora['r']} "
-                                     f"scaling={self.lora['scaling']:g}; the method has r={layer.r} "
-                                     f"scaling={layer.scaling:g}. Use the same method.r and method.alpha")
-                layer.lora_A.copy_(a)
-                layer.lora_B.copy_(b)
+        if not method.CAPABILITIES.loftq_init:
+            raise QuantError(f"the quantized base carries LoftQ factors (r={self.lora['r'] if self.lora else '?'}) "
+                             f"but method '{handle.name}' cannot start from them: use a method with LoftQ init "
+                             f"(method: lora) on it, or quantize with init: qlora")
+        method.init_low_rank(handle, self.factors, self.lora or {})
 
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> None:
         """The quantized layers as safetensors: ``{name}.{codes,absmax,...}`` + specs and shapes in metadata."""
@@ -109,20 +99,21 @@ class QuantState:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def quantize_model(model: nn.Module, section: QuantizeSection, lora: Any = None) -> QuantState:
+def quantize_model(model: nn.Module, section: QuantizeSection, low_rank: LowRank | None = None) -> QuantState:
     """Replace the ``section.targets`` linear layers of ``model`` with QuantLinear (QLoRA: Q = q_N(W)).
 
-    With ``section.init == 'loftq'``, ``lora`` (a ``tunelab.methods.lora.Config``) gives r and the scaling s, and
+    With ``section.init == 'loftq'``, ``low_rank`` (the method's ``low_rank(config)``) gives r and the scaling s, and
     the layers LoRA will wrap get Q_T and factors from ``tunelab.quant.loftq`` (T = ``section.iters``).
     """
     t0 = time.perf_counter()
     names = find_targets(model, section.targets, kind="linear (to quantize)")
-    loftq_names = _loftq_targets(model, section, lora)
-    state = QuantState(section, lora=_lora_info(lora) if loftq_names else None)
+    loftq_names = _loftq_targets(model, section, low_rank)
+    state = QuantState(section, lora=low_rank.info() if low_rank and loftq_names else None)
     for name in names:
         parent, attr = get_submodule_parent(model, name)
         module = getattr(parent, attr)
-        layer, report, ab = _quantize_layer(name, module, spec_for(name, section), section, lora, name in loftq_names)
+        layer, report, ab = _quantize_layer(name, module, spec_for(name, section), section, low_rank,
+                                            name in loftq_names)
         setattr(parent, attr, layer)
         state.layers[name], state.report = layer, [*state.report, report]
         if ab is not None:
@@ -176,26 +167,22 @@ def quantize_embeddings(model: nn.Module, spec: QuantSpec) -> tuple[dict[str, nn
     return tables, reports
 
 
-def _lora_info(lora: Any) -> dict[str, Any]:
-    return {"r": lora.r, "alpha": lora.alpha, "rslora": lora.rslora, "scaling": lora.scaling}
-
-
-def _loftq_targets(model: nn.Module, section: QuantizeSection, lora: Any) -> set[str]:
+def _loftq_targets(model: nn.Module, section: QuantizeSection, low_rank: LowRank | None) -> set[str]:
     if section.init != "loftq":
         return set()
-    if lora is None or not hasattr(lora, "scaling"):
-        raise QuantError("quantize.init: loftq initialises LoRA factors: it needs method: lora "
-                         "(or use quantize.init: qlora with any other method)")
-    return set(find_targets(model, lora.targets))
+    if low_rank is None:
+        raise QuantError("quantize.init: loftq initialises the factors of a low-rank update: it needs a method that "
+                         "starts from them (method: lora), or use quantize.init: qlora with any other method")
+    return set(find_targets(model, low_rank.targets))
 
 
-def _quantize_layer(name: str, module: nn.Module, spec: QuantSpec, section: QuantizeSection, lora: Any,
+def _quantize_layer(name: str, module: nn.Module, spec: QuantSpec, section: QuantizeSection, low_rank: Any,
                     use_loftq: bool) -> tuple[QuantLinear, LayerReport, tuple[torch.Tensor, torch.Tensor] | None]:
     w = dense_weight(module)
     d_in, d_out = linear_shape(module)
     ab = None
     if use_loftq:
-        res = loftq(w, spec, lora.r, lora.scaling, section.iters)
+        res = loftq(w, spec, low_rank.r, low_rank.scaling, section.iters)
         qt, qlora_err, loftq_err, ab = res.qweight, res.qlora_error, res.error, (res.A, res.B)
     else:
         qt = quantize(w, spec)
@@ -219,7 +206,7 @@ def save_quantized_layers(layers: dict[str, QuantLinear], path: str | Path, extr
 
     ``tables`` (QuantEmbedding / QuantHead by module name) add entries of kind ``embedding`` and ``head``; a tied
     head stores no tensors, only ``tied_to``: the embedding's name. Files without tables keep format /1."""
-    from tunelab.runs import atomic_save_tensors
+    from tunelab.files import atomic_save_tensors
 
     tensors, specs = {}, {}
     for name, layer in layers.items():

@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tunelab.errors import QuantError
 from tunelab.quant.codebooks import BITS, KINDS, codebook
 
 
@@ -179,7 +180,12 @@ def nearest_codes(normalized: torch.Tensor, values: torch.Tensor) -> torch.Tenso
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec) -> QuantizedTensor:
-    """Blockwise absmax quantization of ``x`` (any shape, any float dtype; computed in fp32)."""
+    """Blockwise absmax quantization of ``x`` (any shape, any float dtype; computed in fp32). NaN or infinite
+    entries are refused: their block's scale would be NaN or infinite and take every value of the block with it."""
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise QuantError(f"quantize: the tensor of shape {tuple(x.shape)} holds NaN or infinite values ({bad} of "
+                         f"{x.numel()}); the model's weights are damaged or diverged — quantize a finite model")
     blocks = to_blocks(x, spec.block)
     absmax = blocks.abs().amax(dim=1)
     safe = torch.where(absmax > 0, absmax, torch.ones_like(absmax))  # an all-zero block codes to zeros

@@ -6,6 +6,4 @@ fitting), ``analysis`` (study → fits → bootstrap → verdicts), ``report`` (
 ``cli`` (the commands). See docs/scaling.md.
 """
 
-
-class AnalysisError(ValueError):
-    """The study has too few finished runs to fit (the message says which axis lacks what)."""
+from tunelab.errors import AnalysisError as AnalysisError

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from tunelab.scaling import AnalysisError
+from tunelab.errors import AnalysisError
 from tunelab.scaling.analysis import points_from_rows
 from tunelab.scaling.fit import (
     LAWS,

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from tunelab.scaling import AnalysisError
+from tunelab.errors import AnalysisError
 from tunelab.scaling.fit import LAWS, MethodFit, Point, bootstrap, critical_df, fit_method, interval
 from tunelab.scaling.store import RunRow
 
@@ -61,9 +61,16 @@ class StudyFit:
 
     def pairs(self) -> list[tuple[str, str]]:
         """(full-tuning method, PET method) pairs whose critical D_f is reported."""
-        fulls = [m for m, n in self.names.items() if n == "full"]
-        pets = [m for m, n in self.names.items() if n != "full"]
+        fulls = [m for m, n in self.names.items() if trains_base_weights(n)]
+        pets = [m for m, n in self.names.items() if not trains_base_weights(n)]
         return [(f, p) for f in fulls for p in pets]
+
+
+def trains_base_weights(method: str) -> bool:
+    """Whether ``method`` tunes the model's own weights (the paper's FMT) rather than a PET module."""
+    from tunelab.methods import REGISTRY, get_method
+
+    return method in REGISTRY and get_method(method).CAPABILITIES.trains_base_weights
 
 
 def fit_study(rows: Sequence[RunRow], *, bootstrap_replicates: int = 200, delta: float = 1e-3,
@@ -167,7 +174,7 @@ def verdicts(study: StudyFit) -> list[Verdict]:
     for m in study.methods:
         add("α_m > α_p (model size helps more than pretraining data)", "holds", m, f"{m}.alpha_model-alpha_pretrain")
     for m, name in study.names.items():
-        if name != "full":
+        if not trains_base_weights(name):
             add(f"|α_t| < {PET_BOUND} (PET size barely matters)", "holds", m, f"{m}.multiplicative.alpha_pet",
                 _pet_verdict)
     for full, pet in study.pairs():

@@ -120,7 +120,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_advise(args: argparse.Namespace) -> int:
     import json
 
-    from tunelab.config import ConfigError
+    from tunelab.errors import ConfigError
     from tunelab.scaling.advise import advise, check, render, render_check
     from tunelab.scaling.store import open_study
 

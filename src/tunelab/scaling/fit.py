@@ -221,11 +221,11 @@ def _data(points: Sequence[Point], factors: list[str], ref: Reference) -> Data:
                 log_loss=np.array([math.log(p.loss) for p in points]))
 
 
-def start_grid(points: Sequence[Point], lay: Layout, size: str = "full") -> list[np.ndarray]:
+def start_grid(points: Sequence[Point], lay: Layout, size: str = "wide") -> list[np.ndarray]:
     """Starts for L-BFGS: a grid over α, β, E (as a share of the lowest loss) and A around mean(L) − E."""
     losses = np.array([p.loss for p in points])
-    alphas, betas = ((0.0, 0.2, 0.5, 1.0), (0.0, 0.2, 0.5, 1.0)) if size == "full" else ((0.1, 0.5), (0.1, 0.5))
-    shares = (0.05, 0.5, 0.9) if size == "full" else (0.5,)
+    alphas, betas = ((0.0, 0.2, 0.5, 1.0), (0.0, 0.2, 0.5, 1.0)) if size == "wide" else ((0.1, 0.5), (0.1, 0.5))
+    shares = (0.05, 0.5, 0.9) if size == "wide" else (0.5,)
     starts = []
     for alpha, beta, share in itertools.product(alphas, betas, shares):
         E = share * losses.min()

@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from tunelab.config import ConfigError
-from tunelab.runs import atomic_write_json, atomic_write_text
+from tunelab.errors import ConfigError
+from tunelab.files import atomic_write_json, atomic_write_text
 from tunelab.scaling.pretrain import PretrainConfig, get_size, pretrain, read_pretrain_info
 from tunelab.scaling.toyworld import WorldConfig, write_world
 
@@ -91,7 +91,7 @@ SCALES: dict[str, ToyLab] = {
 
 
 def get_scale(name: str) -> ToyLab:
-    from tunelab.config import suggest
+    from tunelab.errors import suggest
 
     if name not in SCALES:
         raise ConfigError(f"unknown toy scale '{name}'.{suggest(name, SCALES)} Scales: {', '.join(SCALES)}")

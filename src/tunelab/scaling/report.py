@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tunelab.runs import atomic_write_json, atomic_write_text
+from tunelab.files import atomic_write_json, atomic_write_text
 from tunelab.scaling.analysis import StudyFit, fit_study, study_summary, verdicts
 from tunelab.scaling.fit import LAWS, heldout_mask
 from tunelab.scaling.store import Store

@@ -181,7 +181,7 @@ def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_f
     t0 = time.perf_counter()
     live = Store(spec.store_path).live_holders() if spec.store_path.is_file() else []
     if live and executor == "local":
-        from tunelab.scaling.store import StoreError
+        from tunelab.errors import StoreError
 
         key, host, pid = live[0]
         raise StoreError(f"{spec.store_path}: this study is being run: pid {pid} on {host} holds run {key} "
@@ -196,7 +196,7 @@ def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_f
     elif executor == "local":
         replaced = _sweep_local(str(store.path), runs_dir, workers, threads, max_restarts)
     else:
-        from tunelab.config import ConfigError
+        from tunelab.errors import ConfigError
 
         raise ConfigError(f"unknown executor {executor!r}; use 'local' (worker processes) or 'ray'")
     return SweepResult(store.counts(), time.perf_counter() - t0, workers, threads, replaced)
@@ -235,7 +235,7 @@ def ray_available() -> bool:
 def _sweep_ray(store_path: str, runs_dir: str, workers: int, threads: int) -> int:
     """The same worker loop as Ray tasks (ray.init() joins RAY_ADDRESS when set, else starts a local instance)."""
     if not ray_available():
-        from tunelab.config import ConfigError
+        from tunelab.errors import ConfigError
 
         raise ConfigError("--executor ray needs Ray: pip install 'tunelab[ray]' (or use --executor local)")
     import ray

@@ -40,7 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import ConfigError, _Lines, build, config_from_dict, read_yaml
+from tunelab.config import config_from_dict
+from tunelab.errors import ConfigError
+from tunelab.schema import Lines, build, read_yaml
 
 AXES = ("model", "pretrain", "pet")
 
@@ -166,11 +168,11 @@ def load_spec(path: str | Path) -> SweepSpec:
 
 def spec_from_dict(data: dict[str, Any]) -> SweepSpec:
     spec = build(SweepSpec, data, "")
-    _check(spec, _Lines())
+    _check(spec, Lines())
     return spec
 
 
-def _check(spec: SweepSpec, lines: _Lines) -> None:
+def _check(spec: SweepSpec, lines: Lines) -> None:
     if not spec.models.sizes and not spec.models.pretraining:
         raise ConfigError(f"{lines.where('models')}'models' needs 'sizes' and/or 'pretraining' entries")
     labels = [m.label for m in spec.models.sizes + spec.models.pretraining]
@@ -187,7 +189,7 @@ def _check(spec: SweepSpec, lines: _Lines) -> None:
         _check_method(spec, m, lines)
 
 
-def _check_method(spec: SweepSpec, m: MethodSpec, lines: _Lines) -> None:
+def _check_method(spec: SweepSpec, m: MethodSpec, lines: Lines) -> None:
     where = lines.where("methods")
     if m.pet is not None and m.pet.key not in {k for k in _method_options(m)}:
         raise ConfigError(f"{where}method '{m.label}': pet.key '{m.pet.key}' is not an option of method "

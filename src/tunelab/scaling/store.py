@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tunelab.errors import StoreError as StoreError
+
 STATUSES = ("pending", "running", "done", "failed")
 
 SCHEMA = """
@@ -49,10 +51,6 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status, seq);
 CREATE TABLE IF NOT EXISTS study (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-class StoreError(ValueError):
-    """The study store is missing or unusable (the message says which file and what would work)."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any
 import yaml
 
 from tunelab.config import ConfigError, apply_overrides, build, config_from_dict, read_yaml
-from tunelab.runs import atomic_write_json, atomic_write_text, save_png
+from tunelab.files import atomic_write_json, atomic_write_text, save_png
 from tunelab.study.protocol import BUDGET_KEYS
 
 

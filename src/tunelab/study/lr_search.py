@@ -1,4 +1,4 @@
-"""`tunelab sweep-lr CONFIG.yaml`: every method row at a grid of learning rates; the best rate chosen on a dev split.
+"""`tunelab lr-search CONFIG.yaml`: every method row at a grid of learning rates; the best rate chosen on a dev split.
 
     name: random masking vs LoRA, learning-rate grid
     base:                        # a compare base: model, data, train shared by every point
@@ -9,7 +9,7 @@
       - {label: lora-r8, method: {name: lora, r: 8}, lrs: [3.0e-4, 1.0e-3, 3.0e-3]}
     select: eval_loss            # lowest dev loss (default), or the name of a task in eval.tasks (highest accuracy)
     eval: {tasks: [arc-easy-ll], data_dir: DATA, limit: 500}
-    output_dir: runs/sweep
+    output_dir: runs/lr-search
 
 Each (row, rate) point is a row of an ordinary comparison (``tunelab.study.compare``: own processes, same token budget,
 finished points skipped on a rerun) written under ``OUTPUT/grid/``. Then, per row, the rate with the best
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.config import ConfigError, build, read_yaml
-from tunelab.runs import atomic_write_json, atomic_write_text, save_png
+from tunelab.files import atomic_write_json, atomic_write_text, save_png
 from tunelab.study.compare import (
     CompareConfig,
     CompareEval,
@@ -45,7 +45,7 @@ from tunelab.study.protocol import BUDGET_KEYS, DEV_LOSS, best_rate
 
 
 @dataclass
-class SweepRow:
+class SearchRow:
     label: str
     method: dict[str, Any]
     lrs: list[float]
@@ -54,20 +54,20 @@ class SweepRow:
 
 
 @dataclass
-class SweepConfig:
+class SearchConfig:
     name: str
     base: dict[str, Any]
-    methods: list[SweepRow]
+    methods: list[SearchRow]
     select: str = DEV_LOSS
     eval: CompareEval = field(default_factory=CompareEval)
-    output_dir: str = "runs/sweep-lr"
+    output_dir: str = "runs/lr-search"
 
 
 def point_label(label: str, lr: float) -> str:
     return f"{label}@lr={lr:g}"
 
 
-def grid(cfg: SweepConfig) -> CompareConfig:
+def grid(cfg: SearchConfig) -> CompareConfig:
     """The comparison of every (row, rate) point, written under OUTPUT/grid."""
     rows = [CompareRow(label=point_label(r.label, lr), method=dict(r.method), train={**r.train, "lr": lr},
                        set=list(r.set)) for r in cfg.methods for lr in r.lrs]
@@ -75,7 +75,7 @@ def grid(cfg: SweepConfig) -> CompareConfig:
                          output_dir=str(Path(cfg.output_dir) / "grid"))
 
 
-def _check_row(path: str | Path, row: SweepRow) -> None:
+def _check_row(path: str | Path, row: SearchRow) -> None:
     if not row.lrs or any(not (lr > 0 and math.isfinite(lr)) for lr in row.lrs):
         raise ConfigError(f"{path}: row '{row.label}': lrs must be a non-empty list of positive rates, got {row.lrs}")
     if len(set(row.lrs)) != len(row.lrs):
@@ -86,7 +86,7 @@ def _check_row(path: str | Path, row: SweepRow) -> None:
                           f"steps, batch size and seed are shared by every point (set them in base.train)")
 
 
-def _check_select(path: str | Path, cfg: SweepConfig) -> None:
+def _check_select(path: str | Path, cfg: SearchConfig) -> None:
     if cfg.select == DEV_LOSS:
         data = cfg.base.get("data", {})
         if not data.get("eval") and not data.get("eval_fraction"):
@@ -97,10 +97,10 @@ def _check_select(path: str | Path, cfg: SweepConfig) -> None:
                           f"{cfg.eval.tasks}")
 
 
-def load_sweep(path: str | Path) -> SweepConfig:
-    """Read and validate a sweep config (every point's run config is validated before anything trains)."""
+def load_search(path: str | Path) -> SearchConfig:
+    """Read and validate an LR-search config (every point's run config is validated before anything trains)."""
     data, lines = read_yaml(path)
-    cfg = build(SweepConfig, data, "", lines)
+    cfg = build(SearchConfig, data, "", lines)
     check_unique_labels(path, cfg.methods)
     for row in cfg.methods:
         _check_row(path, row)
@@ -126,7 +126,7 @@ def score(result: dict[str, Any], select: str) -> float | None:
     return (result.get("tasks", {}).get(select) or {}).get("accuracy")
 
 
-def select_best(cfg: SweepConfig, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+def select_best(cfg: SearchConfig, results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Per row: its point with the best score (the lower rate on a tie), with 'lr' and 'select' added."""
     best = []
     for row in cfg.methods:
@@ -141,9 +141,9 @@ def select_best(cfg: SweepConfig, results: dict[str, dict[str, Any]]) -> list[di
     return best
 
 
-def sweep(path: str | Path, *, rerun: bool = False) -> list[dict[str, Any]]:
+def search(path: str | Path, *, rerun: bool = False) -> list[dict[str, Any]]:
     """Run (or resume) the grid; write grid/ tables, best.md/.csv/.json and lr.png; return the selected rows."""
-    cfg = load_sweep(path)
+    cfg = load_search(path)
     g = grid(cfg)
     points = run_rows(g, rerun=rerun)
     write_tables(g, points, Path(g.output_dir))
@@ -159,7 +159,7 @@ def sweep(path: str | Path, *, rerun: bool = False) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def write_best(cfg: SweepConfig, best: list[dict[str, Any]], out: Path) -> None:
+def write_best(cfg: SearchConfig, best: list[dict[str, Any]], out: Path) -> None:
     """best.md / best.csv: the compare table of the selected points, with the rate and its dev score."""
     table_cfg = CompareConfig(name=cfg.name, base=cfg.base, methods=[], eval=cfg.eval)
     header, rows = table_rows(table_cfg, best)
@@ -177,7 +177,7 @@ def write_best(cfg: SweepConfig, best: list[dict[str, Any]], out: Path) -> None:
     atomic_write_json(out / "best.json", best)
 
 
-def _curve(row: SweepRow, results: dict[str, dict[str, Any]], task: str) -> tuple[list[float], ...]:
+def _curve(row: SearchRow, results: dict[str, dict[str, Any]], task: str) -> tuple[list[float], ...]:
     xs, ys, lo, hi = [], [], [], []
     for lr in sorted(row.lrs):
         t = results.get(point_label(row.label, lr), {}).get("tasks", {}).get(task) or {}
@@ -190,7 +190,7 @@ def _curve(row: SweepRow, results: dict[str, dict[str, Any]], task: str) -> tupl
     return xs, ys, lo, hi
 
 
-def lr_chart(cfg: SweepConfig, results: dict[str, dict[str, Any]], best: list[dict[str, Any]], path: Path) -> None:
+def lr_chart(cfg: SearchConfig, results: dict[str, dict[str, Any]], best: list[dict[str, Any]], path: Path) -> None:
     """Accuracy (95% CI) against learning rate (log axis), one line per row, one panel per task; ★ = selected."""
     import matplotlib
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from tunelab.eval.metrics import paired_bootstrap_diff, seed_item_ci, stratified_paired_diff
-from tunelab.runs import atomic_write_json, atomic_write_text, save_png
+from tunelab.files import atomic_write_json, atomic_write_text, save_png
 from tunelab.scaling.store import Store
 from tunelab.study.protocol import at_edge, best_rate, label_shares, shape_shares
 from tunelab.study.provenance import commit, machine
@@ -95,7 +95,6 @@ def _eval_dirs(run: Any, store: Store, label: str) -> tuple[dict[str, Any], list
 def _collect_base(run: Any, result: dict[str, Any]) -> None:
     """The untrained model's per-task scores, the trivial baselines and the decontamination counts."""
     from tunelab.study.baselines import BASELINES
-    from tunelab.study.suite import base_records
 
     base_dir = run.out / "base" / "eval"
     base: dict[str, Any] = {"label": "base", "method": "none (untrained)", "tasks": {}}
@@ -105,7 +104,7 @@ def _collect_base(run: Any, result: dict[str, Any]) -> None:
             if stats:
                 base["tasks"][task] = stats
         for name in run.cfg.eval.baselines:
-            correct = BASELINES[name](base_records(run, s))
+            correct = BASELINES[name](run.base_records(s))
             if correct is not None:
                 acc, low, high = seed_item_ci(np.array([correct]))
                 result["baselines"].setdefault(name, {})[s.name] = {"accuracy": acc, "ci_low": low, "ci_high": high,

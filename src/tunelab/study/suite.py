@@ -52,7 +52,7 @@ from typing import Any
 from tunelab.config import ConfigError, build, read_yaml
 from tunelab.data import FieldMap, Record, load_source
 from tunelab.data.contamination import question_key
-from tunelab.runs import atomic_write_json, atomic_write_text
+from tunelab.files import atomic_write_json, atomic_write_text
 from tunelab.scaling.store import Heartbeat, Store
 from tunelab.study.compare import (
     CompareConfig,
@@ -214,6 +214,13 @@ class SuiteRun:
 
     def tasks(self) -> list[str]:
         return [t for s in self.cfg.eval.sets for t in (s.generate, s.loglik) if t is not None]
+
+    def base_records(self, s: SuiteSet) -> list[Record]:
+        """The scored items of a test set, as every row sees them: decontaminated, then the scale's limit."""
+        from tunelab.eval.tasks import discover_tasks, get_task, select_examples
+
+        spec = get_task(s.generate or s.loglik or "", discover_tasks())
+        return select_examples(spec, self.data_dir, self.scale.limit, seen_keys(self))[0]
 
 
 def open_suite(path: str | Path, data_dir: str | Path, scale: str, out: str | Path | None = None) -> SuiteRun:
@@ -450,11 +457,3 @@ def seen_keys(run: SuiteRun) -> frozenset[str]:
 
     folder = run.out / "data"
     return keys([r for name in ("train.jsonl", "dev.jsonl") for r in load_source(folder / name)[0]])
-
-
-def base_records(run: SuiteRun, s: SuiteSet) -> list[Record]:
-    """The scored items of a test set, as every row sees them: decontaminated, then the scale's limit."""
-    from tunelab.eval.tasks import discover_tasks, get_task, select_examples
-
-    spec = get_task(s.generate or s.loglik or "", discover_tasks())
-    return select_examples(spec, run.data_dir, run.scale.limit, seen_keys(run))[0]

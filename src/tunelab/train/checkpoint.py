@@ -25,7 +25,8 @@ from typing import Any
 
 import torch
 
-from tunelab.runs import RunError, atomic_save_tensors, atomic_write_json, load_tensors, warn
+from tunelab.errors import RunError
+from tunelab.files import atomic_save_tensors, atomic_write_json, load_tensors, warn
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 

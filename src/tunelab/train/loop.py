@@ -4,7 +4,7 @@ Per optimizer step s: the G micro-batches of the step (G·W over W processes) ha
 micro-batch contributes Σ NLL / N to the objective (``tunelab.train.objective``), so the gradient is that of the
 per-token mean over the whole step. Then: clip, AdamW, schedule, log; evaluate and checkpoint on their intervals.
 
-The process holds the run directory's lock (``tunelab.runs.RunLock``) while it trains. A non-finite training
+The process holds the run directory's lock (``tunelab.rundir.RunLock``) while it trains. A non-finite training
 loss, gradient norm, evaluation loss or final weight ends the run as ``diverged`` (TrainingDiverged), never
 ``complete``.
 """
@@ -29,24 +29,20 @@ from torch import nn
 
 import tunelab
 from tunelab.config import RunConfig, dump_config
-from tunelab.methods import get_method
-from tunelab.methods.core import MethodHandle, count_parameters
-from tunelab.quant import base as quant_base
-from tunelab.runs import (
-    ADAPTER_FILE,
-    CONFIG_FILE,
-    META_FILE,
-    METRICS_FILE,
-    RunError,
-    RunLock,
+from tunelab.errors import RunError
+from tunelab.errors import TrainingDiverged as TrainingDiverged
+from tunelab.files import (
     append_jsonl,
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     read_jsonl,
-    read_meta,
     warn,
 )
+from tunelab.methods import get_method
+from tunelab.methods.core import MethodHandle, count_parameters
+from tunelab.quant import base as quant_base
+from tunelab.rundir import ADAPTER_FILE, CONFIG_FILE, META_FILE, METRICS_FILE, RunLock, read_meta
 from tunelab.train import checkpoint as ckpt
 from tunelab.train.attention import use_fp32_attention
 from tunelab.train.batches import (
@@ -62,10 +58,6 @@ from tunelab.train.fused import use_fused_kernels
 from tunelab.train.memory import keep_freed_memory, set_mmap_threshold
 from tunelab.train.objective import mean_nll, nll_sum
 from tunelab.train.schedules import lr_factor, warmup_steps_for
-
-
-class TrainingDiverged(RuntimeError):
-    """A loss, the gradient norm or a trained weight became NaN or infinite (the run's status is ``diverged``)."""
 
 
 @dataclass
@@ -180,8 +172,17 @@ class Trainer:
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
-        from tunelab.models import describe_spec, load_model, model_fingerprint
+        """Threads and seed, the model with the method applied, the data and its batch plan, the optimizer, the
+        kernels, in that order."""
+        self._setup_process()
+        self._setup_model()
+        self._setup_method()
+        self.data: PreparedData = self._prepare_data()
+        self._setup_plan()
+        self._build_optimizer()
+        self._setup_kernels()
 
+    def _setup_process(self) -> None:
         t = self.cfg.train
         if t.keep_freed_memory:
             keep_freed_memory()
@@ -192,30 +193,40 @@ class Trainer:
         elif self.info.enabled:
             torch.set_num_threads(max(1, (torch.get_num_threads()) // self.info.world_size))
         torch.manual_seed(t.seed)
-        from tunelab.models import resolve_dtype
 
-        frozen_dtype = resolve_dtype(self.cfg.model.dtype)
-        if self._model is None:  # load in fp32 so trainable weights start from full-precision values
-            self._model, self._tokenizer = load_model(self.cfg.model.name, "fp32")
+    def _setup_model(self) -> None:
+        """The base model in fp32 (trainable weights start from full-precision values), its identity and size."""
+        from tunelab.loading import describe_base, load_base
+        from tunelab.models import model_fingerprint
+
+        if self._model is None:
+            self._model, self._tokenizer = load_base(self.cfg.model.name, "fp32")
         self.model, self.tokenizer = self._model, self._tokenizer
-        self.base_id = describe_spec(self.cfg.model.name)
+        self.base_id = describe_base(self.cfg.model.name)
         self.fingerprint = model_fingerprint(self.model)
         self.total_params = count_parameters(self.model) + quant_base.quantized_numel(self.model)
+
+    def _setup_method(self) -> None:
+        """Quantize (a quantize section or a quantized base), apply the method, cast the frozen weights."""
+        from tunelab.models import resolve_dtype
+
         self.method = get_method(self.cfg.method_name())
         method_cfg = self.cfg.method_config()
-        self.quant = quant_base.prepare(self.model, self.cfg, method_cfg)  # quantize section / quantized base
-        self.handle: MethodHandle = self.method.apply(self.model, method_cfg)
+        self.quant = quant_base.prepare(self.model, self.cfg, self.method, method_cfg)
+        self.handle: MethodHandle = self.method.apply(self.model, method_cfg, tokenizer=self.tokenizer)
         if self.quant is not None:
-            self.quant.init_adapters(self.handle)  # LoftQ's A/B (QLoRA keeps B = 0)
+            self.quant.init_adapters(self.handle, self.method)  # LoftQ's factors (QLoRA starts from zero)
         self.handle.upcast_trainable()
-        cast_frozen(self.model, frozen_dtype)
-        self.base_dtype = frozen_dtype  # the compute dtype: bf16 turns autocast on (train.autocast: auto)
+        self.base_dtype = resolve_dtype(self.cfg.model.dtype)  # the compute dtype: bf16 turns autocast on (auto)
+        cast_frozen(self.model, self.base_dtype)
         self.params = self.handle.trainable_parameters()
         self.num_trainable = self.handle.num_trainable()  # what is trained (the saved form may be folded smaller)
         if not self.params:
             raise RunError(f"method '{self.handle.name}' left no trainable parameters")
         self.device = next(iter(self.params.values())).device
-        self.data: PreparedData = self._prepare_data()
+
+    def _setup_plan(self) -> None:
+        t = self.cfg.train
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.tokenizer.eos_token_id
         self.pad_id = pad_id
         self.plan = BatchPlan(self.data.train, t.batch_size, self.cfg.data.max_length, pad_id, seed=t.seed,
@@ -223,15 +234,19 @@ class Trainer:
         per_step = t.grad_accum * self.info.world_size
         self.total_steps = t.max_steps or max(1, math.ceil(t.epochs * self.plan.batches_in_epoch() / per_step))
         self.warmup = warmup_steps_for(self.total_steps, t.warmup_steps, t.warmup_ratio)
-        self._build_optimizer()
+
+    def _setup_kernels(self) -> None:
+        """fp32 attention under autocast, compiled blocks or fused kernels, and the (DDP-wrapped) loss module."""
+        t = self.cfg.train
+        autocast = autocast_enabled(t.autocast, self.base_dtype)
         self._restore_attention = lambda: None
-        if t.fp32_attention and autocast_enabled(t.autocast, frozen_dtype):
+        if t.fp32_attention and autocast:
             compiled = fused_kernels_wanted(t.compiled_attention, True, self.model) and not t.compile
             self._restore_attention = use_fp32_attention(self.model, compiled=compiled)
         self._restore_fused = lambda: None
         if t.compile:
             compile_blocks(self.model)
-        elif fused_kernels_wanted(t.fused_kernels, autocast_enabled(t.autocast, frozen_dtype), self.model):
+        elif fused_kernels_wanted(t.fused_kernels, autocast, self.model):
             self._restore_fused = use_fused_kernels(self.model)
         self.forward = LossModule(self.model)
         if self.info.enabled:
@@ -490,8 +505,8 @@ class Trainer:
                 {k: v.contiguous() for k, v in self.handle.inference_state_dict().items()},
                 metadata={"method": self.handle.name, "format": "tunelab"}))
             quant_base.save_run_quantization(self.quant, self.run_dir)
-            if hasattr(self.method, "export"):
-                self.method.export(self.handle, self.run_dir / "peft", self.base_id)
+            for fmt in self.method.CAPABILITIES.exports:  # peer formats (peft), loadable by that library
+                self.method.export(self.handle, self.run_dir / fmt, self.base_id)
             metrics = {k: v for k, v in dataclasses.asdict(result).items() if k != "run_dir"}
             self._write_meta("complete", metrics=metrics)
         barrier(self.info)

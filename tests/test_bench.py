@@ -1,0 +1,69 @@
+"""The benchmark harness (bench/harness.py): the parent side imports no torch, results are named by benchmark, date
+and commit, step statistics and noise accounting, and bench/README.md's results tables match bench/results/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+SCRIPTS = ["train_throughput", "reft_throughput", "masking_throughput", "quant_bench", "tables"]
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import harness
+
+    return harness
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_benchmark_parents_import_no_torch(script):
+    """A parent that imported torch would raise every child's peak RSS to its own size (see harness.py)."""
+    code = f"import sys; sys.path.insert(0, {str(BENCH)!r}); import {script}; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_result_files_are_named_by_benchmark_date_and_commit(harness, tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS_DIR", tmp_path)
+    env = {"date": "2026-12-07", "git": {"commit": "abc1234", "src_dirty": False}}
+    first = harness.write_result("train-throughput", {"environment": dict(env), "configs": {}})
+    assert first.name == "train-throughput-2026-12-07-abc1234.json"
+    second = harness.write_result("train-throughput", {"environment": dict(env)})
+    assert second.name == "train-throughput-2026-12-07-abc1234-2.json"
+    dirty = harness.result_path("quant", {"date": "2026-12-07", "git": {"commit": "abc1234", "src_dirty": True}})
+    assert dirty.name == "quant-2026-12-07-abc1234-dirty.json"
+    data = json.loads(first.read_text())
+    assert data["benchmark"] == "train-throughput" and data["environment"]["git"]["commit"] == "abc1234"
+
+
+def test_step_statistics_drop_warmup_and_count_disturbed_steps(harness):
+    raw = {"step_s": [5.0, 3.0, 1.0, 1.0, 2.0], "tokens": [1024] * 5,
+           "foreign_cpu_cores": [0.0, 0.0, 0.1, 0.9, 0.0], "status": "ok"}
+    m = harness.measure(raw, warmup=2)
+    assert m["measured_steps"] == 3 and m["warmup_steps"] == 2
+    assert m["tokens_per_s"] == pytest.approx(1024.0)  # median of 1024, 1024, 512
+    assert m["clean_steps"] == 2 and m["tokens_per_s_clean_steps"] == pytest.approx((1024 + 512) / 2)
+    assert harness.noise(raw, warmup=2) == pytest.approx(1 / 3)
+
+
+def test_every_result_file_names_its_benchmark_and_commit():
+    files = sorted((BENCH / "results").glob("*.json"))
+    assert files, "bench/results/ holds the measured results"
+    for path in files:
+        data = json.loads(path.read_text())
+        assert data.get("benchmark"), path
+        commit = path.stem.split("-")[-1] if not path.stem.split("-")[-1].isdigit() else path.stem.split("-")[-2]
+        recorded = ((data.get("environment") or {}).get("git") or {}).get("commit")
+        assert commit in ("nocommit", "dirty", recorded), path
+
+
+def test_readme_tables_are_generated_from_the_results():
+    out = subprocess.run([sys.executable, str(BENCH / "tables.py"), "--check"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
