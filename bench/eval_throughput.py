@@ -2,20 +2,21 @@
 
     python bench/eval_throughput.py [--prompts 64] [--max-new-tokens 32] [--batch-size 16] [--dtype fp32]
 
-Prints JSON: generated tokens/s for each mode, the ratio, and whether the batched outputs equal the
+Writes JSON (bench/results/eval-throughput-DATE-COMMIT.json, and stdout): generated tokens/s for each mode, the ratio, and whether the batched outputs equal the
 one-at-a-time outputs (they must in fp32).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+from harness import REPO, environment, write_result
 
 
 def main() -> int:
@@ -25,6 +26,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--out", type=Path, help="default: bench/results/eval-throughput-DATE-COMMIT.json")
     args = ap.parse_args()
 
     from tunelab.data import encode_prompts, generate
@@ -54,10 +56,9 @@ def main() -> int:
         "max_new_tokens": args.max_new_tokens, **results,
         "speedup_batched": round(results["batched"]["tokens_per_s"] / results["one_at_a_time"]["tokens_per_s"], 2),
         "identical_outputs": f"{same}/{len(prompts)}",
-        "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor(),
-                "loadavg": os.getloadavg()},
+        "environment": {**environment(REPO), "torch_threads": torch.get_num_threads(), "loadavg": os.getloadavg()},
     }
-    print(json.dumps(report, indent=2))
+    write_result("eval-throughput", report, args.out)
     return 0
 
 

@@ -25,24 +25,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-import train_throughput as tt
-from common import (
+import harness as tt
+from harness import (
     RESULT_PREFIX,
+    add_common_args,
     environment,
     load_average,
     median,
     ratio,
-    read_jsonl,
     rounded,
     run_child_process,
+    train_tunelab,
     wait_for_idle,
+    write_result,
 )
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tunelab-mask-0.01%": {"method": {"name": "random-mask", "fraction": 1e-4}, "lr": 1e-2},
     "tunelab-mask-0.1%": {"method": {"name": "random-mask", "fraction": 1e-3}, "lr": 3e-3},
     "naive-mask-0.1%": {"method": {"name": "random-mask-naive", "fraction": 1e-3}, "lr": 3e-3},
-    "tunelab-lora": {"delegate": "train_throughput.py --worker tunelab-lora"},
+    "tunelab-lora": {"method": {"name": "lora", "r": 8, "alpha": 16, "targets": "all-linear"}, "lr": 2e-4},
 }
 TARGETS = {"mask_peak_rss_vs_lora_max": 1.0, "mask_peak_rss_vs_naive_max": 0.5, "mask_tokens_per_s_vs_lora_min": 0.9}
 
@@ -53,36 +55,16 @@ TARGETS = {"mask_peak_rss_vs_lora_max": 1.0, "mask_peak_rss_vs_naive_max": 0.5, 
 
 
 def worker_mask(name: str, workdir: Path, steps: int) -> dict[str, Any]:
-    """tunelab.train.loop.train with a masking method on the shared JSONL; step times from metrics.jsonl."""
-    import torch
-
-    from tunelab.config import config_from_dict
+    """tunelab's loop with a masking method on the shared data (harness.train_tunelab)."""
     from tunelab.methods import REGISTRY
-    from tunelab.train.loop import train
 
     REGISTRY.setdefault("random-mask-naive", "masking_naive")  # bench-only method (this folder is on sys.path)
     spec = CONFIGS[name]
-    run_dir = Path(tempfile.mkdtemp(prefix=f"run-{name.replace('%', 'pct')}-", dir=workdir)) / "run"
-    cfg = config_from_dict({
-        "model": {"name": tt.MODEL, "dtype": "auto"},
-        "method": spec["method"],
-        "data": {"train": str(workdir / "records.jsonl"), "template": "plain", "max_length": tt.SEQ_LEN,
-                 "group_by_length": False},
-        "train": {"max_steps": steps, "batch_size": tt.BATCH, "lr": spec["lr"], "progress": False, "log_every": 1,
-                  "seed": 0},
-        "output_dir": str(run_dir),
-    })
-    probes = tt.Probes()
-    result = train(cfg)
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "step_s" in r]
-    return {"step_s": [r["step_s"] for r in rows], "tokens": [r["tokens"] for r in rows],
-            "loss": [r["loss"] for r in rows], "trainable_params": result.trainable_params,
-            "total_params": result.total_params, "torch_threads": torch.get_num_threads(),
-            **tt.memory_report(probes)}
+    return train_tunelab(workdir, name.replace("%", "pct"), spec["method"], steps=steps, lr=spec["lr"])
 
 
 # ============================================================================================================
-# Parent (standard library only: see common.py)
+# Parent (standard library only: see harness.py)
 # ============================================================================================================
 
 
@@ -94,10 +76,7 @@ def run_mask_child(name: str, workdir: Path, steps: int, timeout: float) -> dict
 def run_one(args: argparse.Namespace, name: str, workdir: Path) -> dict[str, Any]:
     idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
     tt.log(f"{name}: {args.steps} steps (idle check {idle})")
-    if "delegate" in CONFIGS[name]:
-        res = tt.run_child("tunelab-lora", workdir, args.steps, args.timeout)
-    else:
-        res = run_mask_child(name, workdir, args.steps, args.timeout)
+    res = run_mask_child(name, workdir, args.steps, args.timeout)
     res["idle_wait"] = idle
     return res
 
@@ -140,15 +119,7 @@ def ratios(configs: dict[str, Any]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration (default 12)")
-    p.add_argument("--warmup", type=int, default=2, help="steps left out of the median (default 2)")
-    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
-    p.add_argument("--wait-idle", type=float, default=120, help="wait up to S s for an idle machine before each "
-                                                                "configuration (0: do not wait)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
-    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_args(p, list(CONFIGS), "masking-throughput", steps=12, warmup=2, wait_idle=120)
     return p.parse_args(argv)
 
 
@@ -161,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {**environment(tt.REPO), "load_average_before": load_average()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-mask-") as tmp:
-        prep = tt.run_child("prepare", Path(tmp), args.steps, args.timeout)
+        prep = run_mask_child("prepare", Path(tmp), args.steps, args.timeout)
         if prep["status"] != "ok":
             raise SystemExit(f"data preparation failed: {prep}")
         configs = {n: summarise(run_one(args, n, Path(tmp)), args.warmup) for n in names}
@@ -169,15 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     result = rounded({
         "benchmark": "masking_throughput",
         "settings": {"model": tt.MODEL, "batch": tt.BATCH, "seq_len": tt.SEQ_LEN, "steps": args.steps,
-                     "warmup_steps_excluded": args.warmup, "configs": CONFIGS, "lora": tt.LORA},
+                     "warmup_steps_excluded": args.warmup, "configs": CONFIGS},
         "environment": env, "configs": configs, "ratios": ratios(configs), "targets": TARGETS,
         "tokens_per_s_median_of_masks": median([c["tokens_per_s"] for n, c in configs.items()
                                                 if n.startswith("tunelab-mask") and c.get("status") == "ok"]),
     })
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result("masking-throughput", result, args.out)
     return 0
 
 

@@ -28,27 +28,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
+from harness import (
+    BATCH,
+    MODEL,
     RESULT_PREFIX,
+    SEQ_LEN,
+    add_common_args,
     environment,
     load_average,
-    ratio,
-    read_jsonl,
-    rounded,
-    run_child_process,
-    wait_for_idle,
-)
-from train_throughput import (
-    BATCH,
-    LORA,
-    LR,
-    MODEL,
-    SEQ_LEN,
-    Probes,
     log,
     measure,
-    memory_report,
+    ratio,
+    rounded,
+    run_child_process,
+    train_tunelab,
+    wait_for_idle,
     worker_prepare,
+    write_result,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,13 +66,13 @@ TARGETS = {"weights_4bit_vs_bf16_max": 0.3, "qlora_tokens_per_s_vs_bf16_lora_min
 
 def worker_loftq(iters: int, rank: int) -> dict[str, Any]:
     from tunelab.config import QuantizeSection
-    from tunelab.methods.lora import Config as LoraConfig
+    from tunelab.methods import lora
     from tunelab.models import load_model
     from tunelab.quant.model import memory_report as quant_memory
     from tunelab.quant.model import quantize_model
 
     model, _ = load_model(MODEL, "fp32")
-    state = quantize_model(model, QuantizeSection(bits=4, init="loftq", iters=iters), LoraConfig(r=rank, alpha=rank))
+    state = quantize_model(model, QuantizeSection(bits=4, init="loftq", iters=iters), lora.low_rank(lora.Config(r=rank, alpha=rank)))
     errs = [(r.qlora_error, r.loftq_error) for r in state.report]
     return {"seconds": state.seconds, "layers": len(state.report), "rank": rank, "iters": iters,
             "mean_qlora_error": sum(e[0] for e in errs) / len(errs),
@@ -106,25 +102,14 @@ def worker_memory() -> dict[str, Any]:
     return out
 
 
-def worker_train(name: str, workdir: Path, steps: int) -> dict[str, Any]:
-    """tunelab.train on bench/train_throughput.py's data; step times from the run's metrics.jsonl."""
-    from tunelab.config import config_from_dict
-    from tunelab.train.loop import train
+LORA = {"r": 8, "alpha": 16, "targets": "all-linear"}  # bench/train_throughput.py's LoRA row
+LORA_LR = 2e-4
 
-    data = {"model": {"name": MODEL, "dtype": "auto"}, "method": {"name": "lora", **LORA},
-            "data": {"train": str(workdir / "records.jsonl"), "template": "plain", "max_length": SEQ_LEN,
-                     "group_by_length": False},
-            "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR["lora"], "progress": False, "seed": 0},
-            "output_dir": str(Path(tempfile.mkdtemp(prefix=f"run-{name}-", dir=workdir)) / "run")}
-    if name == "train-qlora-nf4":
-        data["quantize"] = {"bits": 4, "quant": "nf", "init": "qlora"}
-    probes = Probes()
-    t0 = time.perf_counter()
-    result = train(config_from_dict(data))
-    rows = [r for r in read_jsonl(Path(data["output_dir"]) / "metrics.jsonl") if "step_s" in r]
-    return {"step_s": [r["step_s"] for r in rows], "tokens": [r["tokens"] for r in rows],
-            "loss": [r["loss"] for r in rows], "train_call_s": time.perf_counter() - t0,
-            "trainable_params": result.trainable_params, **memory_report(probes)}
+
+def worker_train(name: str, workdir: Path, steps: int) -> dict[str, Any]:
+    """tunelab's loop, LoRA on the bf16 base or on an NF4 base (harness.train_tunelab)."""
+    quantize = {"bits": 4, "quant": "nf", "init": "qlora"} if name == "train-qlora-nf4" else None
+    return train_tunelab(workdir, name, {"name": "lora", **LORA}, steps=steps, lr=LORA_LR, quantize=quantize)
 
 
 def run_worker(name: str, workdir: Path, steps: int, rank: int) -> dict[str, Any]:
@@ -176,14 +161,8 @@ def summarise(results: dict[str, Any], warmup: int) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per training configuration")
-    p.add_argument("--warmup", type=int, default=2, help="steps excluded from the tokens/s median")
+    add_common_args(p, list(CONFIGS), "quant", steps=12, warmup=2, wait_idle=60)
     p.add_argument("--rank", type=int, default=16, help="LoRA rank of the LoftQ initialisation timing")
-    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    p.add_argument("--wait-idle", type=float, default=60, help="wait up to this many s for an idle machine")
-    p.add_argument("--out", type=Path, help="also write the JSON result here")
-    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -215,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                                                        "steps": args.steps, "warmup": args.warmup},
               "environment": env, "configs": {n: {"description": CONFIGS[n], **results[n]} for n in names},
               "summary": summary, "targets": TARGETS}
-    text = json.dumps(rounded(report), indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result("quant", rounded(report), args.out)
     return 0
 
 

@@ -22,27 +22,27 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import (
-    RESULT_PREFIX,
-    environment,
-    load_average,
-    package_version,
-    ratio,
-    read_jsonl,
-    rounded,
-    run_child_process,
-    wait_for_idle,
-)
-from train_throughput import (
+from harness import (
     BATCH,
     MODEL,
     PROMPT_LEN,
+    RESULT_PREFIX,
     SEQ_LEN,
     Probes,
+    add_common_args,
+    environment,
+    load_average,
     log,
     measure,
     memory_report,
+    package_version,
+    ratio,
+    rounded,
+    run_child_process,
+    train_tunelab,
+    wait_for_idle,
     worker_prepare,
+    write_result,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -64,25 +64,8 @@ CONFIGS: dict[str, str] = {
 
 
 def worker_tunelab(workdir: Path, steps: int) -> dict[str, Any]:
-    """tunelab.train.loop.train on the shared JSONL; step times from the run's metrics.jsonl."""
-    from tunelab.config import config_from_dict
-    from tunelab.train.loop import train
-
-    run_dir = Path(tempfile.mkdtemp(prefix="run-loreft-", dir=workdir)) / "run"
-    cfg = config_from_dict({
-        "model": {"name": MODEL, "dtype": "auto"},
-        "method": {"name": "loreft", **REFT},
-        "data": {"train": str(workdir / "records.jsonl"), "template": "plain", "max_length": SEQ_LEN,
-                 "group_by_length": False},
-        "train": {"max_steps": steps, "batch_size": BATCH, "lr": LR, "progress": False, "log_every": 1, "seed": 0},
-        "output_dir": str(run_dir),
-    })
-    probes = Probes()
-    result = train(cfg)
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "step_s" in r]
-    return {"step_s": [r["step_s"] for r in rows], "tokens": [r["tokens"] for r in rows],
-            "loss": [r["loss"] for r in rows], "trainable_params": result.trainable_params,
-            "total_params": result.total_params, **memory_report(probes)}
+    """tunelab's loop on the shared data (harness.train_tunelab)."""
+    return train_tunelab(workdir, "loreft", {"name": "loreft", **REFT}, steps=steps, lr=LR)
 
 
 def pyreft_model(model: Any) -> Any:
@@ -186,16 +169,7 @@ def comparison(configs: dict[str, Any]) -> dict[str, Any]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration (default 12)")
-    p.add_argument("--warmup", type=int, default=2, help="steps excluded from the median (default 2)")
-    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
-    p.add_argument("--wait-idle", type=float, default=120,
-                   help="before each configuration wait up to this many seconds for other processes to use "
-                        "< 0.3 cores (0: do not wait)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
-    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_args(p, list(CONFIGS), "reft-throughput", steps=12, warmup=2, wait_idle=120)
     return p.parse_args(argv)
 
 
@@ -234,10 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                   "(forward, backward, clipping, AdamW, scheduler), the pyreft loop forward, backward, AdamW, "
                   "zero_grad", "peak_rss_mib: ru_maxrss of the configuration's own child process"],
     })
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    write_result("reft-throughput", result, args.out)
     return 0
 
 

@@ -3,7 +3,7 @@
     python bench/train_throughput.py [--steps N] [--only NAME,NAME] [--out results.json] [--repeats R]
 
 Every configuration runs in a fresh child process (``--worker NAME``) so that its peak RSS is its own; the parent
-imports only the standard library (see ``bench/common.py`` for why that matters). All configurations train on the
+imports only the standard library (see ``bench/harness.py`` for why that matters). All configurations train on the
 same token ids: 8 rows x 128 tokens per step, the first 64 tokens of each row a prompt (label -100) and the last 64
 the response. Progress goes to stderr; the JSON result goes to stdout (and to ``--out``). See bench/README.md.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 import json
 import os
 import sys
@@ -22,28 +21,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from common import (
+from harness import (
+    BATCH,
+    CLEAN_FOREIGN_CORES,
+    MAX_NOISY_SHARE,
+    MODEL,
+    PROMPT_LEN,
+    REPO,
+    RESPONSE_LEN,
     RESULT_PREFIX,
-    cpu_sample,
+    SEQ_LEN,
+    Probes,
+    add_common_args,
     environment,
-    foreign_cpu,
     load_average,
+    log,
+    measure,
     median,
+    memory_report,
     model_flops,
-    proc_status_mib,
+    noise,
     ratio,
-    read_jsonl,
     rounded,
-    ru_maxrss_mib,
     run_child_process,
-    spread,
+    train_tunelab,
     wait_for_idle,
+    worker_matmul,
+    worker_prepare,
+    write_result,
 )
 
-REPO = Path(__file__).resolve().parent.parent
-MODEL = "smollm2-135m"
-BATCH, SEQ_LEN, PROMPT_LEN = 8, 128, 64
-RESPONSE_LEN = SEQ_LEN - PROMPT_LEN  # response words + EOS
 LORA = {"r": 8, "alpha": 16, "targets": "all-linear"}
 VIRTUAL_TOKENS = 20  # prompt and prefix tuning (peft's and tunelab's), LLM-Adapters' prefix setting
 BOTTLENECK = 36  # series / parallel adapters: 576 / 16, AdapterHub's reduction_factor 16 on this model
@@ -53,8 +60,6 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "parallel": {"bottleneck": BOTTLENECK, "targets": "mlp"},
 }
 LR = {"full": 1e-5, "lora": 2e-4, "prompt": 3e-2, "prefix": 1e-2, "series": 1e-3, "parallel": 1e-3}
-CLEAN_FOREIGN_CORES = 0.25  # a step is "clean" when other processes used fewer cores than this
-MAX_NOISY_SHARE = 0.25  # rerun a configuration when more of its measured steps than this were not clean
 TARGETS = {"lora_tokens_per_s_vs_peft": 2.0, "lora_peak_rss_vs_peft_max": 0.6, "full_tokens_per_s_vs_plain": 1.5,
            "pet_tokens_per_s_vs_peer": 2.0}
 # glibc's environment form of tunelab.train.memory.keep_freed_memory (KEEP_TRIM_THRESHOLD, KEEP_MMAP_THRESHOLD)
@@ -124,240 +129,15 @@ CONFIGS: dict[str, Spec] = {
 }
 
 
-def log(msg: str) -> None:
-    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
 # ============================================================================================================
 # Workers (run in child processes; these import torch)
 # ============================================================================================================
 
 
-class Probes:
-    """Global hooks that need no access to the training loop's internals.
-
-    * at the first module forward: RSS after model load, method set-up and data preparation;
-    * after every optimizer step: the peak RSS so far (the training phase, before any final saving), and a CPU
-      sample from which the cores used by other processes during that step are estimated (the machine is shared).
-    """
-
-    def __init__(self) -> None:
-        from torch.nn.modules.module import register_module_forward_pre_hook
-        from torch.optim.optimizer import register_optimizer_step_post_hook
-
-        self.rss_before_training: float | None = None
-        self.peak_after_steps: list[float] = []
-        self.samples: list[tuple[float, float, float]] = []
-        self._pre = register_module_forward_pre_hook(self._first_forward)
-        self._post = register_optimizer_step_post_hook(self._after_step)
-
-    def _first_forward(self, *_: Any) -> None:
-        self.rss_before_training = proc_status_mib("VmRSS")
-        self.samples.append(cpu_sample())
-        self._pre.remove()
-
-    def _after_step(self, *_: Any) -> None:
-        self.samples.append(cpu_sample())
-        self.peak_after_steps.append(proc_status_mib("VmHWM") or ru_maxrss_mib())
-
-    def close(self) -> dict[str, Any]:
-        self._post.remove()
-        foreign = [foreign_cpu(a, b) for a, b in itertools.pairwise(self.samples)]
-        return {"rss_before_training_mib": self.rss_before_training,
-                "peak_rss_train_mib": self.peak_after_steps[-1] if self.peak_after_steps else None,
-                "foreign_cpu_cores": foreign}
-
-
-def memory_report(probes: Probes) -> dict[str, Any]:
-    return {**probes.close(), "peak_rss_mib": ru_maxrss_mib(), "vm_hwm_mib": proc_status_mib("VmHWM")}
-
-
-def worker_prepare(workdir: Path, steps: int) -> dict[str, Any]:
-    """Write the shared data (JSONL records for tunelab, token ids for the peer loops); describe the model."""
-    import dataclasses
-
-    import torch
-
-    from tunelab.config import TrainSection
-    from tunelab.data import tokenize_records
-    from tunelab.models import load_model
-
-    model, tokenizer = load_model(MODEL)
-    records = build_records(tokenizer, BATCH * steps)
-    examples, stats = tokenize_records(records, tokenizer, template="plain", max_length=SEQ_LEN)
-    lengths = {len(e.input_ids) for e in examples}
-    targets = {sum(t != -100 for t in e.labels[1:]) for e in examples}
-    if lengths != {SEQ_LEN} or targets != {RESPONSE_LEN} or stats.n_truncated:
-        raise RuntimeError(f"synthetic data is off: lengths {lengths}, targets {targets}, {stats}")
-    with open(workdir / "records.jsonl", "w") as f:
-        for r in records:
-            f.write(json.dumps({"instruction": r.instruction, "input": "", "output": r.output}) + "\n")
-    (workdir / "tokens.json").write_text(json.dumps([[e.input_ids, e.labels] for e in examples]))
-    # the safetensors copy of the embedded model, which the adapters venv (transformers 4.x) loads directly
-    from tunelab.models import _cache_root
-
-    (workdir / "model_dir.txt").write_text(str(_cache_root() / "models" / MODEL))
-    return {
-        "model": describe_model(model),
-        "model_dtype_auto": str(next(model.parameters()).dtype),
-        "compile_available": "compile" in {f.name for f in dataclasses.fields(TrainSection)},
-        "torch_threads": torch.get_num_threads(),
-        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "data": {"examples": len(examples), "tokens_per_row": SEQ_LEN, "prompt_tokens": PROMPT_LEN,
-                 "response_tokens_incl_eos": RESPONSE_LEN, "target_positions_per_row": RESPONSE_LEN,
-                 "template": "plain"},
-    }
-
-
-def build_records(tokenizer: Any, n: int, seed: int = 0) -> list[Any]:
-    """``n`` records of random vocabulary words whose prompt and response are exactly PROMPT_LEN and
-    RESPONSE_LEN tokens (response including the EOS tunelab appends), checked with tunelab's own tokenisation."""
-    import random
-
-    from tunelab.data import Record, encode_prompts
-
-    pool = single_token_words(tokenizer)
-    rng = random.Random(seed)
-
-    def prompt_len(text: str) -> int:
-        return len(encode_prompts([Record(text, "", "x")], tokenizer, template="plain")[0])
-
-    def response_len(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1
-
-    return [Record(fit_text(rng, pool, prompt_len, PROMPT_LEN), "", fit_text(rng, pool, response_len, RESPONSE_LEN),
-                   line=i + 1) for i in range(n)]
-
-
-def single_token_words(tokenizer: Any) -> list[str]:
-    """Lower-case words that are one token with a leading space ('Ġword' in the byte-level vocabulary)."""
-    words = sorted(tok[1:] for tok in tokenizer.get_vocab() if tok.startswith("Ġ") and tok[1:].isascii()
-                   and tok[1:].isalpha() and tok[1:].islower() and 3 <= len(tok) - 1 <= 8)
-    ids = tokenizer([" " + w for w in words], add_special_tokens=False)["input_ids"]
-    return [w for w, i in zip(words, ids, strict=True) if len(i) == 1]
-
-
-def fit_text(rng: Any, pool: list[str], count: Any, target: int) -> str:
-    """Random words, added or removed one at a time until ``count(text) == target``."""
-    words = [rng.choice(pool) for _ in range(target - 2)]
-    for _ in range(10 * target):
-        n = count(" ".join(words))
-        if n == target:
-            return " ".join(words)
-        if n < target:
-            words.append(rng.choice(pool))
-        else:
-            words.pop()
-    raise RuntimeError(f"could not build a text of exactly {target} tokens")
-
-
-def describe_model(model: Any) -> dict[str, Any]:
-    """The shapes that FLOP accounting needs, read from the loaded model."""
-    from torch import nn
-
-    body = model.get_decoder()
-    linears = [m for m in body.modules() if isinstance(m, nn.Linear)]
-    head = model.get_output_embeddings()
-    cfg = model.config
-    return {
-        "name": MODEL,
-        "layers": cfg.num_hidden_layers,
-        "hidden": cfg.hidden_size,
-        "intermediate": cfg.intermediate_size,
-        "vocab": cfg.vocab_size,
-        "seq_len": SEQ_LEN,
-        "tie_word_embeddings": bool(getattr(cfg, "tie_word_embeddings", False)),
-        "body_matmul_params": sum(m.weight.numel() for m in linears),
-        "lm_head_params": head.weight.numel(),
-        "total_params": sum(p.numel() for p in model.parameters()),
-        "linear_shapes": sorted({(m.in_features, m.out_features) for m in linears}),
-    }
-
-
-MM_SHAPES = [  # (name, rows M, in K, out N, count per forward pass for the FLOP mix)
-    ("q_proj,o_proj 576->576", 1024, 576, 576, 60),
-    ("k_proj,v_proj 576->192", 1024, 576, 192, 60),
-    ("gate_proj,up_proj 576->1536", 1024, 576, 1536, 60),
-    ("down_proj 1536->576", 1024, 1536, 576, 30),
-    ("lm_head 576->49152 (512 rows)", 512, 576, 49152, 1),
-]
-
-
-def worker_matmul() -> dict[str, Any]:
-    """Best achieved TFLOP/s of torch.mm at the model's shapes, bf16 (and fp32 for reference)."""
-    import torch
-
-    start = cpu_sample()
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "shapes": {}}
-    for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        flops_mix, seconds_mix, best = 0.0, 0.0, 0.0
-        for name, m, k, n, count in MM_SHAPES:
-            tflops = time_mm(torch, m, k, n, dtype)
-            out["shapes"].setdefault(name, {})[f"{dtype_name}_tflops"] = tflops
-            flops = 2 * m * k * n * count
-            flops_mix, seconds_mix = flops_mix + flops, seconds_mix + flops / (tflops * 1e12)
-            best = max(best, tflops)
-            if dtype_name == "bf16":  # for information: F.linear, the call the model makes
-                out["shapes"][name]["bf16_F.linear_tflops"] = time_mm(torch, m, k, n, dtype, linear=True)
-        out[f"peak_{dtype_name}_tflops"] = best
-        out[f"mix_{dtype_name}_tflops"] = flops_mix / seconds_mix / 1e12
-    out["foreign_cpu_cores"] = foreign_cpu(start, cpu_sample())
-    return out
-
-
-def time_mm(torch: Any, m: int, k: int, n: int, dtype: Any, trials: int = 5, linear: bool = False) -> float:
-    """TFLOP/s of the fastest of ``trials`` timings of torch.mm(x, W.T) (W stored [out, in], as nn.Linear),
-    or of F.linear(x, W) with ``linear``."""
-    x, w = torch.randn(m, k, dtype=dtype), torch.randn(n, k, dtype=dtype)
-    wt = w.t()
-
-    def call() -> Any:
-        return torch.nn.functional.linear(x, w) if linear else torch.mm(x, wt)
-
-    for _ in range(3):
-        call()
-    t0 = time.perf_counter()
-    call()
-    reps = max(1, int(0.05 / max(time.perf_counter() - t0, 1e-6)))
-    best = float("inf")
-    for _ in range(trials):
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            call()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * m * k * n / best / 1e12
-
-
 def worker_tunelab(spec: Spec, workdir: Path, name: str, steps: int) -> dict[str, Any]:
-    """tunelab.train.loop.train on the shared JSONL; step times from the run's metrics.jsonl."""
-    from tunelab.config import config_from_dict
-    from tunelab.train.loop import train
-
-    method = {"name": spec.method, **METHOD_OPTIONS[spec.method]}
-    train_section: dict[str, Any] = {"max_steps": steps, "batch_size": BATCH, "lr": LR[spec.method],
-                                     "progress": False, "log_every": 1, "seed": 0}
-    if spec.compile:
-        train_section["compile"] = True
-    run_dir = Path(tempfile.mkdtemp(prefix=f"run-{name}-", dir=workdir)) / "run"  # fresh per repeat/attempt
-    cfg = config_from_dict({
-        "model": {"name": MODEL, "dtype": spec.dtype},
-        "method": method,
-        "data": {"train": str(workdir / "records.jsonl"), "template": "plain", "max_length": SEQ_LEN,
-                 "group_by_length": False},
-        "train": train_section,
-        "output_dir": str(run_dir),
-    })
-    probes = Probes()
-    t0 = time.perf_counter()
-    result = train(cfg)
-    wall = time.perf_counter() - t0
-    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "step_s" in r]
-    return {
-        "step_s": [r["step_s"] for r in rows], "tokens": [r["tokens"] for r in rows],
-        "loss": [r["loss"] for r in rows], "lm_head_positions": rows[0]["target_tokens"],
-        "trainable_params": result.trainable_params, "total_params": result.total_params,
-        "train_call_s": wall, "tunelab_reported_peak_rss_mib": result.peak_rss_mb, **memory_report(probes),
-    }
+    """tunelab's loop on the shared data (harness.train_tunelab)."""
+    return train_tunelab(workdir, name, {"name": spec.method, **METHOD_OPTIONS[spec.method]}, steps=steps,
+                         lr=LR[spec.method], dtype=spec.dtype, train={"compile": True} if spec.compile else None)
 
 
 def peer_model(spec: Spec, workdir: Path) -> Any:
@@ -465,29 +245,6 @@ def run_child(name: str, workdir: Path, steps: int, timeout: float, env: dict[st
     res = run_child_process(__file__, ["--worker", name, "--workdir", str(workdir), "--steps", str(steps)],
                      timeout=timeout, python=python, env=env)
     return {**res, "load_average_before": load_before, "load_average_after": load_average()}
-
-
-def measure(raw: dict[str, Any], warmup: int) -> dict[str, Any]:
-    """Step statistics from one child's per-step times, warm-up steps excluded."""
-    times, tokens = raw["step_s"], raw["tokens"]
-    warmup = min(warmup, max(len(times) - 1, 0))
-    measured = times[warmup:]
-    med = median(measured)
-    rates = [n / t for n, t in zip(tokens[warmup:], measured, strict=True)]
-    foreign = (raw.get("foreign_cpu_cores") or [])[warmup:len(times)]
-    clean = [r for r, f in zip(rates, foreign, strict=False) if f is not None and f < CLEAN_FOREIGN_CORES]
-    return {
-        "tokens_per_step": round(median(tokens[warmup:])),
-        "tokens_per_s": median(rates),
-        "tokens_per_s_clean_steps": median(clean),
-        "clean_steps": len(clean),
-        "foreign_cpu_cores": spread([f for f in foreign if f is not None]),
-        "step_s": spread(measured),
-        "measured_steps": len(measured),
-        "warmup_steps": warmup,
-        "warmup_s": sum(times[:warmup]),
-        "warmup_overhead_s": sum(times[:warmup]) - warmup * med if med is not None else None,
-    }
 
 
 PER_RUN_KEYS = ("peak_rss_mib", "peak_rss_train_mib", "vm_hwm_mib", "rss_before_training_mib", "process_wall_s")
@@ -622,14 +379,6 @@ def child_env(args: argparse.Namespace, name: str, workdir: Path, rep: int, atte
     return env
 
 
-def noise(res: dict[str, Any], warmup: int) -> float | None:
-    """Share of a run's measured steps during which other processes used >= CLEAN_FOREIGN_CORES cores."""
-    if res["status"] != "ok":
-        return None
-    foreign = [f for f in (res.get("foreign_cpu_cores") or [])[warmup:] if f is not None]
-    return sum(f >= CLEAN_FOREIGN_CORES for f in foreign) / len(foreign) if foreign else None
-
-
 def run_config(args: argparse.Namespace, name: str, workdir: Path, rep: int) -> dict[str, Any]:
     """One run of a configuration; rerun (up to --retry-noisy times) when other processes disturbed more than
     MAX_NOISY_SHARE of its measured steps (one busy foreign core slows a 2-thread step several times over).
@@ -753,16 +502,10 @@ def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=12, help="optimizer steps per configuration (default 12)")
-    p.add_argument("--only", help=f"comma-separated subset of: {', '.join(CONFIGS)}")
-    p.add_argument("--out", type=Path, help="also write the JSON result to this file")
+    add_common_args(p, list(CONFIGS), "train-throughput", steps=12, warmup=2, wait_idle=120)
     p.add_argument("--repeats", type=int, default=1, help="run the whole sequence R times, interleaved")
-    p.add_argument("--warmup", type=int, default=2, help="steps excluded from the median (eager; default 2)")
     p.add_argument("--warmup-compile", type=int, default=3,
                    help="steps excluded for the compile variants (they include compilation; default 3)")
-    p.add_argument("--wait-idle", type=float, default=120,
-                   help="before each configuration wait up to this many seconds until other processes use < 0.3 "
-                        "cores (0: do not wait; default 120)")
     p.add_argument("--retry-noisy", type=int, default=2,
                    help=f"rerun a configuration up to this many times when other processes used >= "
                         f"{CLEAN_FOREIGN_CORES} cores during more than {100 * MAX_NOISY_SHARE:.0f}%% of its measured steps "
@@ -770,9 +513,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-compile-cache", action="store_true",
                    help="let compile variants use the user's TorchInductor cache (default: an empty cache per "
                         "run, so the reported compile time is that of a first compilation)")
-    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed per child process")
-    p.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         p.error("--steps and --repeats must be at least 1")
@@ -793,13 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         raw = run_all(args, names, Path(tmp))
     env["load_average_after"] = load_average()
     env["bench_wall_s"] = round(time.perf_counter() - t0, 1)
-    result = rounded(report(args, raw, env))
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-        log(f"wrote {args.out}")
+    write_result("train-throughput", rounded(report(args, raw, env)), args.out)
     return 0
 
 
