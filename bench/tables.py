@@ -66,8 +66,10 @@ def config_cells(configs: dict[str, Any]) -> str:
         rss = c.get("peak_rss_mib")
         if tps is None and rss is None:
             continue
-        mfu = c.get("mfu_vs_measured_bf16_mm")
-        extra = f", MFU {mfu:.0%}" if isinstance(mfu, int | float) else ""
+        mfu, dtype = c.get("mfu"), c.get("compute_dtype")
+        if mfu is None:  # results before the per-dtype peak: against the bf16 matmul peak
+            mfu, dtype = c.get("mfu_vs_measured_bf16_mm"), "bf16 peak"
+        extra = f", MFU {mfu:.0%} ({dtype})" if isinstance(mfu, int | float) else ""
         parts.append(f"{name}: {_num(tps)} tok/s, {_num(rss)} MiB{extra}")
     return "<br>".join(parts) or "–"
 

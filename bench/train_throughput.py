@@ -250,7 +250,15 @@ def run_child(name: str, workdir: Path, steps: int, timeout: float, env: dict[st
 PER_RUN_KEYS = ("peak_rss_mib", "peak_rss_train_mib", "vm_hwm_mib", "rss_before_training_mib", "process_wall_s")
 
 
-def combine(name: str, runs: list[dict[str, Any]], shapes: dict[str, Any], peak_tflops: float,
+def compute_dtype(spec: Spec, prep: dict[str, Any]) -> str:
+    """The dtype a configuration's matmuls run in: tunelab's ``auto`` decides per machine (bf16 where bf16 is
+    fast), a peer under autocast or on a bf16 model runs bf16, else fp32."""
+    if spec.kind == "tunelab":
+        return "bf16" if "bfloat16" in str(prep.get("model_dtype_auto")) else "fp32"
+    return "bf16" if spec.autocast or spec.dtype == "bf16" else "fp32"
+
+
+def combine(name: str, runs: list[dict[str, Any]], shapes: dict[str, Any], peaks: dict[str, float], dtype: str,
             warmup: int) -> dict[str, Any]:
     """Per-config result: medians across repeats of each repeat's median step statistics."""
     spec = CONFIGS[name]
@@ -286,7 +294,9 @@ def combine(name: str, runs: list[dict[str, Any]], shapes: dict[str, Any], peak_
         "trainable_params": first["trainable_params"], "total_params": first["total_params"],
         "model_flops_per_step": flops["total"], "model_flops_terms": flops["terms"],
         "lm_head_positions": flops["lm_head_positions"],
-        "achieved_tflops": tflops, "mfu_vs_measured_bf16_mm": tflops / peak_tflops if peak_tflops else None,
+        "achieved_tflops": tflops, "compute_dtype": dtype,
+        "mfu": tflops / peaks[dtype] if peaks.get(dtype) else None,  # against the matmul peak of its own dtype
+        "mfu_vs_measured_bf16_mm": tflops / peaks["bf16"] if peaks.get("bf16") else None,
         "loss_first_last": [first["loss"][0], first["loss"][-1]],
         "torch_threads": first.get("torch_threads"),
         "per_repeat": [{"tokens_per_s": m["tokens_per_s"], "step_s_median": m["step_s"]["median"],
@@ -439,10 +449,11 @@ def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[s
 def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -> dict[str, Any]:
     prep, mm, shapes = raw["prep"], [m for m in raw["mm"] if m["status"] == "ok"], raw["prep"]["model"]
     peak = max((m["peak_bf16_tflops"] for m in mm), default=0.0)
+    peaks = {d: max((m[f"peak_{d}_tflops"] for m in mm), default=0.0) for d in ("bf16", "fp32")}
     configs: dict[str, Any] = {}
     for name, runs in raw["runs"].items():
         warmup = args.warmup_compile if CONFIGS[name].compile else args.warmup
-        configs[name] = combine(name, runs, shapes, peak, warmup)
+        configs[name] = combine(name, runs, shapes, peaks, compute_dtype(CONFIGS[name], prep), warmup)
     for name, why in raw["skipped"].items():
         configs[name] = {"description": CONFIGS[name].description, "status": "skipped", "note": why}
     configs = {n: configs[n] for n in CONFIGS if n in configs}
@@ -460,7 +471,7 @@ def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -
                         "torch_cpu_capability": prep["torch_cpu_capability"],
                         "model_dtype_auto": prep["model_dtype_auto"],
                         "compile_option_available": prep["compile_available"]},
-        "matmul": {"peak_bf16_tflops": peak, "runs": [{k: v for k, v in m.items() if k != "status"} for m in mm],
+        "matmul": {"peak_bf16_tflops": peak, "peak_fp32_tflops": peaks["fp32"], "runs": [{k: v for k, v in m.items() if k != "status"} for m in mm],
                    "note": "torch.mm(x, W.T), best of 5 timings per shape; the peak is the max over shapes and "
                            "both runs (start and end of the benchmark)"},
         "flops_accounting": {
@@ -470,8 +481,10 @@ def report(args: argparse.Namespace, raw: dict[str, Any], env: dict[str, Any]) -
                     "the target positions only, transformers/peft all positions; LoRA adapters 6*N_lora*T; "
                     "attention 12*L*d*S per token (whole SxS square, PaLM convention). Element-wise ops, norms, "
                     "softmax and the optimizer are not counted.",
-            "mfu": "achieved_tflops = model_flops_per_step / median step_s; mfu_vs_measured_bf16_mm = "
-                   "achieved_tflops / matmul.peak_bf16_tflops",
+            "mfu": "achieved_tflops = model_flops_per_step / median step_s; mfu = achieved_tflops / the measured "
+                   "matmul peak of the configuration's compute_dtype (bf16 or fp32); mfu_vs_measured_bf16_mm = "
+                   "achieved_tflops / matmul.peak_bf16_tflops (kept for the earlier results; misleading on a "
+                   "machine without bf16 units, where the bf16 peak is emulated)",
         },
         "configs": configs,
         "ratios": ratios(configs),

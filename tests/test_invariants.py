@@ -4,7 +4,8 @@ Checks: output unchanged at init (where the method claims it); merged == unmerge
 method's parameters receive gradients and change after a step; save -> load round trip; trainable-parameter count
 equals the closed form written here from the paper's formula (independent of the method's own counter).
 Where a property does not apply the row says why, and the check asserts that the method refuses it clearly.
-Every check runs on a tiny Llama and a tiny GPT-2.
+Every check runs on tiny random models of nine families (tunelab.models.tiny): Llama, GPT-2, Qwen2, Qwen3, Mistral,
+Gemma 2, Phi-3, GPT-NeoX and OLMo 2.
 """
 
 from __future__ import annotations
@@ -20,23 +21,36 @@ from safetensors.torch import load, save
 
 from tunelab.methods import REGISTRY, build_method_config, get_method
 from tunelab.methods.core import MethodError
+from tunelab.models import TINY_MODELS
 from tunelab.train.objective import nll_sum
 
 from conftest import batch_for, tiny
 
-ARCHS = ["tiny-llama", "tiny-gpt2"]
+ARCHS = list(TINY_MODELS)  # Llama, GPT-2, Qwen2, Qwen3, Mistral, Gemma 2, Phi-3, GPT-NeoX, OLMo 2
+# the families whose attention has separate q/k/v projections named q_proj/v_proj (or GPT-2's c_attn)
+NAMED_QV = [a for a in ARCHS if a not in ("tiny-phi3", "tiny-gpt-neox")]
 
 
 def _linear_dims(cfg) -> dict[str, tuple[int, int]]:
-    """(d_in, d_out) of each decoder linear of one layer, from the model config (written independently)."""
-    h = cfg.hidden_size
+    """(d_in, d_out) of each decoder linear of one layer, from the model config (written independently of the
+    models' code, per family: separate q/k/v, GPT-2's and GPT-NeoX's fused qkv, Phi-3's fused qkv and gate/up)."""
+    h, heads = cfg.hidden_size, cfg.num_attention_heads
     if cfg.model_type == "gpt2":
         i = cfg.n_inner or 4 * h
         return {"c_attn": (h, 3 * h), "c_proj": (h, h), "c_fc": (h, i), "mlp.c_proj": (i, h)}
-    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
-    i = cfg.intermediate_size
-    return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+    if cfg.model_type == "gpt_neox":
+        i = cfg.intermediate_size
+        return {"query_key_value": (h, 3 * h), "dense": (h, h), "dense_h_to_4h": (h, i), "dense_4h_to_h": (i, h)}
+    hd = getattr(cfg, "head_dim", None) or h // heads
+    q, kv, i = heads * hd, cfg.num_key_value_heads * hd, cfg.intermediate_size
+    if cfg.model_type == "phi3":
+        return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i), "down_proj": (i, h)}
+    return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
             "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+MLP_KEYS = {"gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj", "dense_h_to_4h", "dense_4h_to_h",
+            "gate_up_proj"}
 
 
 def lora_closed_form(r: int, which: Callable[[str], bool] = lambda _: True) -> Callable[[Any], int]:
@@ -145,7 +159,10 @@ ROWS = [
         {"r": 2, "alpha": 4, "targets": ["q_proj", "v_proj"], "rslora": True, "init": "gaussian"},
         lora_closed_form(2, _qv), archs=["tiny-llama"]),
     Row("lora-regex-dropout", "lora", {"r": 3, "alpha": 3, "targets": r".*\.mlp\..*", "dropout": 0.1},
-        lora_closed_form(3, lambda k: k in ("gate_proj", "up_proj", "down_proj", "c_fc", "mlp.c_proj"))),
+        lora_closed_form(3, lambda k: k in MLP_KEYS)),
+    # target presets by role: the linears of every block's attention module, whatever the family names them
+    Row("lora-attention-preset", "lora", {"r": 2, "alpha": 4, "targets": "attention"},
+        lora_closed_form(2, lambda k: k not in MLP_KEYS)),
     Row("series-mlp", "series", {"bottleneck": 8}, bottleneck_closed_form(8, _blocks(1)), mergeable=False,
         mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
     # init=normal is LLM-Adapters' N(0, 0.02) init of both projections: the output changes at init by design
@@ -159,7 +176,7 @@ ROWS = [
         {"bottleneck": 4, "targets": QV_CATTN, "activation": "gelu", "dropout": 0.1,
          "scaling": 4.0},
         bottleneck_closed_form(4, _beside_linears), mergeable=False,
-        mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it"),
+        mergeable_why="the bottleneck's activation is nonlinear: no weight update equals it", archs=NAMED_QV),
     # prompt / prefix tuning add attention entries: no initial value leaves every output as it was (a zero value
     # vector still takes softmax mass from the real tokens), so the output changes at init by design
     Row("prompt", "prompt", {"num_tokens": 5}, prompt_closed_form(5), identity_at_init=False, mergeable=False,
@@ -201,7 +218,7 @@ ROWS = [
                                                  "seed": 7}, mask_closed_form(0.02)),
     Row("random-mask-qv-matrix", "random-mask",
         {"fraction": 0.05, "budget": "matrix", "targets": QV_CATTN},
-        mask_closed_form(0.05, lambda k: k in ("q_proj", "v_proj", "c_attn"))),
+        mask_closed_form(0.05, lambda k: k in ("q_proj", "v_proj", "c_attn")), archs=NAMED_QV),
 ]
 
 CASES = [pytest.param(row, arch, id=f"{row.id}-{arch}") for row in ROWS for arch in row.archs]

@@ -27,6 +27,27 @@ from tunelab.errors import MethodError as MethodError
 # --------------------------------------------------------------------------------------------------------------
 
 ALL_LINEAR = "all-linear"
+ROLES = ("attention", "mlp")  # target presets by module role: the linears inside each block's attention / MLP
+
+
+def module_role(module: nn.Module) -> str | None:
+    """"attention" or "mlp" for a decoder block's attention or MLP module, by the convention every transformers
+    family follows in its class names (LlamaAttention, GPTNeoXAttention, Phi3MLP, GPT2MLP, …); None otherwise."""
+    name = type(module).__name__
+    if name.endswith("Attention"):
+        return "attention"
+    if name.endswith("MLP"):
+        return "mlp"
+    return None
+
+
+def _role_members(model: nn.Module, role: str) -> set[str]:
+    """Names of every module inside a module of ``role``."""
+    inside = set()
+    for prefix, module in model.named_modules():
+        if prefix and module_role(module) == role:
+            inside.update(f"{prefix}.{n}" if n else prefix for n, _ in module.named_modules())
+    return inside
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -92,7 +113,9 @@ def find_targets(
 ) -> list[str]:
     """Names of the modules a method should adapt.
 
-    ``targets`` is ``"all-linear"`` (every linear layer but the output head), a regex string matched against the
+    ``targets`` is ``"all-linear"`` (every linear layer but the output head), ``"attention"`` or ``"mlp"`` (the
+    linear layers inside each block's attention or MLP module, found by role: ``module_role``), a regex string
+    matched against the
     full module name (``re.fullmatch``), or a list of names/suffixes (``"q_proj"`` matches
     ``model.layers.3.self_attn.q_proj``). Raises MethodError listing the candidate layers when nothing matches, or
     (``each``) when one name of a list matches nothing — a misspelt name is an error, not silently ignored. A
@@ -102,6 +125,15 @@ def find_targets(
     if targets == ALL_LINEAR:
         heads = output_head_names(model)
         found = [n for n in candidates if n not in heads]
+    elif isinstance(targets, str) and targets in ROLES:
+        members = _role_members(model, targets)
+        found = [n for n in candidates if n in members]
+        if not found:
+            family = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+            raise MethodError(f"target preset {targets!r}: no {targets} module found in {type(model).__name__} "
+                              f"(model family {family!r}: no submodule whose class name ends in "
+                              f"{'Attention' if targets == 'attention' else 'MLP'}). Its {kind} layers are: "
+                              f"{summarize_names(candidates)}; name them (a list of suffixes or a regex) instead")
     elif isinstance(targets, str):
         try:
             re.compile(targets)

@@ -18,13 +18,14 @@ from tunelab.files import looks_like_pickle
 
 
 def with_sdpa(factory: Callable[..., PreTrainedModel], *args: Any, **kwargs: Any) -> PreTrainedModel:
-    """Call ``factory`` asking for SDPA attention, falling back to the default where it is unsupported."""
+    """Call ``factory`` asking for SDPA attention, falling back to eager attention where it is unsupported (named
+    explicitly: the refused attempt has already written "sdpa" into a config object passed in, e.g. Gemma 2's)."""
     try:
         return factory(*args, attn_implementation="sdpa", **kwargs)
     except ValueError as err:
         if not any(word in str(err) for word in ("sdpa", "scaled_dot_product_attention")):
             raise
-        return factory(*args, **kwargs)
+        return factory(*args, attn_implementation="eager", **kwargs)
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import transformers
 from tokenizers import AddedToken, Tokenizer, decoders
 from tokenizers import models as tokenizer_models
 from tokenizers.pre_tokenizers import ByteLevel
@@ -62,9 +63,33 @@ def tiny_gpt2_config() -> PretrainedConfig:
     )
 
 
+# The other families: width 64, 2 layers, 4 query heads over 2 key/value heads where the family has GQA, the
+# family's own defaults otherwise (its norms, activations, rotary settings, biases, fused projections).
+_SMALL = {"vocab_size": _TINY_VOCAB, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "max_position_embeddings": 512}
+_FAMILIES: dict[str, tuple[str, dict]] = {
+    "tiny-qwen2": ("Qwen2Config", {"num_key_value_heads": 2, "tie_word_embeddings": True}),  # q/k/v biases
+    "tiny-qwen3": ("Qwen3Config", {"num_key_value_heads": 2, "head_dim": 16, "tie_word_embeddings": True}),  # q/k norms
+    "tiny-mistral": ("MistralConfig", {"num_key_value_heads": 2, "tie_word_embeddings": False}),  # untied head
+    "tiny-gemma2": ("Gemma2Config", {"num_key_value_heads": 2, "head_dim": 16, "sliding_window": 64}),  # soft caps
+    "tiny-phi3": ("Phi3Config", {"num_key_value_heads": 2, "pad_token_id": 256}),  # fused qkv_proj, gate_up_proj
+    "tiny-gpt-neox": ("GPTNeoXConfig", {"rotary_pct": 0.25, "tie_word_embeddings": False}),  # fused query_key_value
+    "tiny-olmo2": ("Olmo2Config", {"num_key_value_heads": 2, "tie_word_embeddings": False}),  # norms after blocks
+}
+
+
+def _family_config(class_name: str, options: dict) -> Callable[[], PretrainedConfig]:
+    def build() -> PretrainedConfig:
+        return getattr(transformers, class_name)(**{**_SMALL, **_tiny_token_ids(), **options})
+
+    build.__doc__ = f"2-layer {class_name.removesuffix('Config')}, width 64 (see _FAMILIES)."
+    return build
+
+
 TINY_MODELS: dict[str, Callable[[], PretrainedConfig]] = {
     "tiny-llama": tiny_llama_config,
     "tiny-gpt2": tiny_gpt2_config,
+    **{name: _family_config(cls, options) for name, (cls, options) in _FAMILIES.items()},
 }
 
 
