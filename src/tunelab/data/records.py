@@ -82,7 +82,8 @@ def load_records(
     path: str | Path, fields: FieldMap = FieldMap(), *, skip_bad_rows: bool = False,
     row_format: RowFormat | None = None,
 ) -> tuple[list[Record], list[BadRow]]:
-    """Read instruction records from a JSON array or JSONL file.
+    """Read instruction records from a JSON array or JSONL file, a CSV / TSV / parquet file or a ``datasets``
+    folder (``tunelab.data.tables``; ``FOLDER#split`` for one split of a DatasetDict).
 
     Returns ``(records, bad_rows)``. A bad row (not valid JSON, not an object, a required field missing or
     not a string, an empty output) raises :class:`DataError` naming ``file:line`` and the field, unless
@@ -91,29 +92,34 @@ def load_records(
     ``row_format`` (``tunelab.data.formats.get_format``) turns each JSON object into the record instead of the
     plain field mapping; the errors it raises get the same ``file:line``.
     """
-    source = str(path)
-    text = _read_text(Path(path), source)
+    from tunelab.data.tables import is_table_source, iter_table_rows
+
+    if is_table_source(path):  # CSV / TSV / parquet, a datasets folder (tunelab.data.tables)
+        source, unit, rows = iter_table_rows(path)
+        expected = "a header line and one row per record" if unit == "line" else "at least one row"
+    else:
+        source, unit = str(path), "line"
+        rows = _iter_rows(_read_text(Path(path), source), source)
+        expected = "a JSON array of objects or JSONL (one object per line)"
     records: list[Record] = []
     bad: list[BadRow] = []
     n_rows = 0
-    for line, row in _iter_rows(text, source):
+    for line, row in rows:
         n_rows += 1
+        where = f"{source}:{line}" if unit == "line" else f"{source}, row {line}"
         try:
             records.append(_to_record(row, fields, source, line, row_format))
         except RowError as err:
             if not skip_bad_rows:
                 raise DataError(
-                    f"{source}:{line}: {err.reason}. {err.fix}, {_SKIP_HINT}",
+                    f"{where}: {err.reason}. {err.fix}, {_SKIP_HINT}",
                     source=source,
                     line=line,
                     field=err.field,
                 ) from None
             bad.append(BadRow(source, line, err.reason))
     if n_rows == 0:
-        raise DataError(
-            f"{source}: no rows found; expected a JSON array of objects or JSONL (one object per line).",
-            source=source,
-        )
+        raise DataError(f"{source}: no rows found; expected {expected}.", source=source)
     return records, bad
 
 
