@@ -23,6 +23,7 @@ EPILOG = """examples:
   tunelab tasks                                  list evaluation tasks
   tunelab methods                                list methods with their options and defaults
   tunelab quantize smollm2-135m --bits 2 --init loftq --rank 16 --alpha 16 --out runs/nf2-loftq
+  tunelab export runs/lora --format merged --out exported/   a transformers folder with the update merged in
 """
 EPILOG += SCALING_EXAMPLES.lstrip("\n")
 
@@ -50,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="load a run onto a base model whose weights differ from the one it was trained on")
 
     sub.add_parser("methods", help="list the methods with their options and defaults")
+
+    x = sub.add_parser("export", help="write a finished run in a format other tools load: merged (a transformers "
+                                      "folder with the update folded in) or peft")
+    x.add_argument("run", help="run directory")
+    x.add_argument("--format", default="merged", choices=("merged", "peft"),
+                   help="merged: save_pretrained folder (full, LoRA, random masking, QLoRA/LoftQ dequantized); "
+                        "peft: the adapter in peft's format (LoRA)")
+    x.add_argument("--out", required=True, help="output folder")
 
     e = sub.add_parser("eval", help="evaluate a run or a model on tasks (accuracy with 95%% intervals)")
     e.add_argument("target", help="run directory, or a model (alias, HF directory, GGUF file, tiny-llama)")
@@ -194,6 +203,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from tunelab.export import export_run
+
+    out = export_run(args.run, args.out, args.format)
+    print(f"exported {args.run} as {args.format} to {out}/")
+    return 0
+
+
 def seen_questions(paths: Sequence[str]) -> frozenset[str]:
     """Question keys of the records in ``paths`` (tunelab.data.contamination), for --decontaminate."""
     from tunelab.data import load_source
@@ -288,7 +305,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"train": cmd_train, "generate": cmd_generate, "eval": cmd_eval, "compare": cmd_compare, "tasks": cmd_tasks,
-            "methods": cmd_methods, "demo": cmd_demo, "quantize": cmd_quantize, "lr-search": cmd_lr_search, "sweep-lr": cmd_lr_search,
+            "methods": cmd_methods, "export": cmd_export, "demo": cmd_demo, "quantize": cmd_quantize, "lr-search": cmd_lr_search, "sweep-lr": cmd_lr_search,
             "suite": cmd_suite,
             **SCALING_COMMANDS}
 

@@ -134,6 +134,35 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)
 
 
+def dequantize_modules(model: nn.Module) -> int:
+    """Replace every QuantLinear, QuantEmbedding and QuantHead of ``model`` by the dense nn.Linear / nn.Embedding
+    holding its dequantized weights (fp32); a tied head becomes a head tied to the dense embedding. Returns how many
+    modules were replaced (for ``tunelab export --format merged``)."""
+    replaced = 0
+    heads = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            _replace(model, name, module.to_linear(torch.float32))
+            replaced += 1
+        elif isinstance(module, QuantEmbedding):
+            _replace(model, name, module.to_embedding(torch.float32))
+            replaced += 1
+        elif isinstance(module, QuantHead):
+            heads.append((name, module))
+    for name, head in heads:
+        dense = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None)
+        with torch.no_grad():
+            if head.tied:
+                dense.weight = model.get_input_embeddings().weight
+            else:
+                dense.weight.copy_(head.source.dequantize(torch.float32))
+            if head.bias is not None:
+                dense.bias.copy_(head.bias)
+        _replace(model, name, dense)
+        replaced += 1
+    return replaced
+
+
 def quantize_embeddings(model: nn.Module, spec: QuantSpec) -> tuple[dict[str, nn.Module], list[LayerReport]]:
     """Swap the input embedding for a QuantEmbedding and the output head (an nn.Linear) for a QuantHead: over the
     same codes when the head is tied to the embedding (``head.weight is embedding.weight``), else its own."""
