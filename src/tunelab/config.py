@@ -108,8 +108,12 @@ class TrainSection:
     threads: int | None = None
     compile: bool = False  # torch.compile each decoder block (dynamic shapes): ~40 s once, then faster steps
     progress: bool = True
+    report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb
 
     def __post_init__(self) -> None:
+        from tunelab.train.tracking import check_names
+
+        check_names(self.report_to)
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -191,6 +195,8 @@ class RunConfig:
         data = dataclasses.asdict(self)
         if data["data"]["format"] == "as-is":  # runs without a row format keep the config hash they always had
             del data["data"]["format"]
+        if not data["train"]["report_to"]:  # as do runs without trackers (trackers do not change what is trained)
+            del data["train"]["report_to"]
         if data["quantize"] is None:  # unquantized runs keep the config (and config hash) they always had
             del data["quantize"]
         else:  # so do quantized runs that leave the embedding in bf16 (the options added with it are dropped)

@@ -169,6 +169,7 @@ class Trainer:
         self.run_dir = cfg.resolved_output_dir()
         self.ckpt_root = self.run_dir / "checkpoints"
         self._model, self._tokenizer = model, tokenizer
+        self.trackers: Any = None  # train.report_to (opened in run)
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -424,16 +425,36 @@ class Trainer:
         self.counters: dict[str, Any] = {"tokens": 0, "target_tokens": 0, "seconds": 0.0, "last_loss": float("nan")}
         start = self.prepare_run_dir()
         self.autocast = autocast_context(self.cfg.train.autocast, self.base_dtype, self.device)
+        self.trackers = self._open_trackers()
         try:
             result = self._loop(start)
         except BaseException as e:
             if self.info.is_main and not isinstance(e, TrainingDiverged):
                 self._write_meta("failed", error=f"{type(e).__name__}: {e}")
+            if self.trackers is not None:
+                self.trackers.close("FAILED")
             raise
         finally:
             self._restore_attention()
             self._restore_fused()
+        if self.trackers is not None:
+            self.trackers.close()
         return result
+
+    def _open_trackers(self) -> Any:
+        """train.report_to's trackers (tunelab.train.tracking), on the main process; None without any."""
+        if not (self.cfg.train.report_to and self.info.is_main):
+            return None
+        from tunelab.train.tracking import Trackers
+
+        params = {"trainable": self.num_trainable, "total": self.total_params}
+        return Trackers(self.cfg.train.report_to, self.run_dir, self.run_dir.name, self.cfg.to_dict(), params)
+
+    def _log_row(self, row: dict[str, Any]) -> None:
+        """One row of metrics.jsonl (main process), and the same scalars to the trackers."""
+        append_jsonl(self.run_dir / METRICS_FILE, row)
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def _loop(self, start: int) -> TrainResult:
         t = self.cfg.train
@@ -449,7 +470,7 @@ class Trainer:
             if self.info.is_main and (done % t.log_every == 0 or done == self.total_steps):
                 row = {"step": done, **m, "lr": self.scheduler.get_last_lr()[0], "step_s": dt,
                        "tokens_per_s": m["tokens"] / dt}
-                append_jsonl(self.run_dir / METRICS_FILE, row)
+                self._log_row(row)
             bar.update(1)
             bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{self.counters['tokens'] / self.counters['seconds']:.0f}")
             if t.eval_every and done % t.eval_every == 0 and done < self.total_steps:
@@ -472,7 +493,7 @@ class Trainer:
         if metrics is not None and metrics["eval_target_tokens"]:  # no targets: nan means "no value", not divergence
             self._check_finite(step, "eval loss", metrics["eval_loss"])
         if metrics is not None and self.info.is_main:
-            append_jsonl(self.run_dir / METRICS_FILE, {"step": step, **metrics})
+            self._log_row({"step": step, **metrics})
         return metrics
 
     def _save_checkpoint(self, step: int) -> None:
