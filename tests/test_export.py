@@ -4,6 +4,8 @@ Conv1D); peft's format for LoRA; methods without a merged form say so."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -54,9 +56,46 @@ def test_peft_export_and_the_methods_without_a_merged_form(tmp_path, capsys):
     assert main(["export", str(run), "--format", "peft", "--out", str(tmp_path / "peft")]) == 0
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
     prompt = _train(tmp_path, "tiny-llama", "prompt", ["method.name=prompt", "method.num_tokens=4"])
-    with pytest.raises(RunError, match="cannot be merged into the weights.*No other tool loads"):
+    with pytest.raises(RunError, match="cannot be merged into the weights.*Formats for it: peft"):
         export_run(prompt, tmp_path / "x")
+    assert (export_run(prompt, tmp_path / "prompt-peft", "peft") / "adapter_config.json").is_file()
+    reft = _train(tmp_path, "tiny-llama", "loreft", ["method.name=loreft", "method.r=2"])
+    with pytest.raises(RunError, match="cannot be merged into the weights.*No other tool loads"):
+        export_run(reft, tmp_path / "x")
     with pytest.raises(RunError, match="has no peft format here"):
-        export_run(prompt, tmp_path / "x", "peft")
-    assert main(["export", str(prompt), "--out", str(tmp_path / "x")]) == 2
+        export_run(reft, tmp_path / "x", "peft")
+    assert main(["export", str(reft), "--out", str(tmp_path / "x")]) == 2
     assert "cannot be merged" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("method", ["prompt", "prefix", "prefix-reparam"])
+def test_prompt_and_prefix_peft_exports_load_in_peft_with_the_same_logits(tmp_path, arch, method):
+    peft = pytest.importorskip("peft")
+    from tunelab.methods import get_method
+
+    from conftest import tiny
+
+    name = method.split("-")[0]
+    module = get_method(name)
+    options = {"num_tokens": 4, **({"reparam": True, "reparam_hidden": 16} if method.endswith("reparam") else {})}
+    model, tok = tiny(arch)
+    handle = module.apply(model, module.Config(**options), tokenizer=tok)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in handle.trainable_parameters().values():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    batch = batch_for(tok)
+    with torch.no_grad():
+        ours = model(**batch).logits
+    module.export(handle, tmp_path / "peft", arch)
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["peft_type"] == ("PROMPT_TUNING" if name == "prompt" else "PREFIX_TUNING")
+    base, _ = tiny(arch)
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    with torch.no_grad():
+        theirs = loaded(**batch).logits
+    if name == "prompt":
+        theirs = theirs[:, 4:]  # peft returns the soft positions too
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(theirs[keep], ours[keep], atol=1e-5, rtol=0)

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("run", help="run directory")
     x.add_argument("--format", default="merged", choices=("merged", "peft"),
                    help="merged: save_pretrained folder (full, LoRA, random masking, QLoRA/LoftQ dequantized); "
-                        "peft: the adapter in peft's format (LoRA)")
+                        "peft: the adapter in peft's format (LoRA, prompt, prefix)")
     x.add_argument("--out", required=True, help="output folder")
 
     e = sub.add_parser("eval", help="evaluate a run or a model on tasks (accuracy with 95%% intervals)")

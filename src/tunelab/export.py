@@ -4,10 +4,12 @@
   for every method whose update is a weight change: full tuning (the trained weights), and the methods whose
   ``CAPABILITIES.mergeable`` says so (LoRA, random masking; on a quantized base the merged model is the dequantized
   base plus the update, in fp32). Load it with ``AutoModelForCausalLM.from_pretrained(DIR)``: no tunelab needed.
-* ``peft`` — the peer format of the methods that write one (``CAPABILITIES.exports``: LoRA).
+* ``peft`` — the peer format of the methods that write one (``CAPABILITIES.exports``: LoRA, prompt tuning, prefix
+  tuning — peft's LORA, PROMPT_TUNING and PREFIX_TUNING).
 
 Methods whose update is not a weight change (prompt and prefix tuning, ReFT, bottleneck adapters) have no merged
-form; the error says so and names the formats that exist.
+form; the error says so and names the formats that exist (peft for prompt and prefix tuning; none for ReFT and the
+bottleneck adapters, which no other tool loads — use the run with tunelab).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def export_run(run_dir: str | os.PathLike, out: str | os.PathLike, fmt: str = "m
     if fmt == "peft":
         if "peft" not in caps.exports:
             raise RunError(f"{run_dir}: method '{cfg.method_name()}' has no peft format here (methods with one: "
-                           f"lora); {_other_formats(caps)}")
+                           f"lora, prompt, prefix); {_other_formats(caps)}")
         method.export(handle, out, read_meta(run_dir).get("base_model", ""))
         return out
     if caps.trains_base_weights:

@@ -400,3 +400,17 @@ def prompt_lengths(lengths: torch.Tensor | None) -> Iterator[None]:
 def current_prompt_lengths() -> torch.Tensor | None:
     """The per-row prompt lengths set by the innermost ``prompt_lengths`` block (None outside any)."""
     return _PROMPT_LENGTHS.get()
+
+
+def write_peft_adapter(out_dir: Any, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    """A peft adapter folder: adapter_config.json and adapter_model.safetensors (fp32, contiguous), atomically."""
+    import json
+    from pathlib import Path
+
+    from tunelab.files import atomic_save_tensors, atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "adapter_config.json", json.dumps(config, indent=2))
+    atomic_save_tensors(out_dir / "adapter_model.safetensors", {k: v.detach().float() for k, v in tensors.items()})
+    return out_dir

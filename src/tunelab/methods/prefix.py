@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -35,12 +36,19 @@ from torch import nn
 
 from tunelab.errors import ConfigError
 from tunelab.methods.contract import Capabilities
-from tunelab.methods.core import MethodError, MethodHandle, embedding_device, embedding_dtype, freeze
+from tunelab.methods.core import (
+    MethodError,
+    MethodHandle,
+    embedding_device,
+    embedding_dtype,
+    freeze,
+    write_peft_adapter,
+)
 
 DESCRIPTION = "Prefix tuning: learned keys/values of P virtual tokens in every attention layer (optional MLP reparam)"
 PAPER = ("Li & Liang, 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, "
          "https://arxiv.org/abs/2101.00190")
-CAPABILITIES = Capabilities()
+CAPABILITIES = Capabilities(exports=("peft",))
 NO_MERGE = ("the prefix adds P attention entries (keys/values) in every layer; attention over them is not a linear "
             "map of the input, so there is no weight update to fold into the base model")
 MODULE_NAME = "prefix_tuning"
@@ -407,3 +415,25 @@ def num_parameters(model: nn.Module, config: Config) -> int:
     h = config.reparam_hidden
     return p * d + (d * h + h) + (h * out + out)
 
+
+# --------------------------------------------------------------------------------------------------------------
+# peft interoperability
+# --------------------------------------------------------------------------------------------------------------
+
+
+def export(handle: MethodHandle, out_dir: Path, base_model_id: str = "") -> Path:
+    """Write the prefix in peft's PREFIX_TUNING format: ``prompt_embeddings`` [P, 2·L·d_kv] in adapter_model.safetensors
+    laid out (layer, key/value, head, d_head) per virtual token, as peft's PrefixEncoder table (a
+    reparameterised prefix is exported folded: the table its MLP computes, prefix_projection false); token_dim, num_layers and num_attention_heads are left for peft to read from the base model's config,
+    as it does for a new PrefixTuningConfig, so ``PeftModel.from_pretrained(base, out_dir)`` gives the same logits."""
+    source = handle.layers[MODULE_NAME]
+    config = {"peft_type": "PREFIX_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_id,
+              "num_virtual_tokens": source.num_tokens, "num_transformer_submodules": 1, "token_dim": None,
+              "num_layers": None, "num_attention_heads": None, "inference_mode": True, "prefix_projection": False}
+    return write_peft_adapter(out_dir, config, {"prompt_embeddings": _peft_table(source)})
+
+
+def _peft_table(source: PrefixKV) -> torch.Tensor:
+    with torch.no_grad():
+        table = source.table()  # [L, 2, H_kv, P, d_head]
+    return table.permute(3, 0, 1, 2, 4).reshape(source.num_tokens, -1)

@@ -17,13 +17,14 @@ hidden states and logits exist only for the input tokens, so labels stay aligned
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from tunelab.methods.contract import Capabilities
-from tunelab.methods.core import MethodHandle, embedding_dtype
+from tunelab.methods.core import MethodHandle, embedding_dtype, write_peft_adapter
 from tunelab.methods.prefix import (
     KV,
     attach,
@@ -37,7 +38,7 @@ from tunelab.methods.prefix import (
 DESCRIPTION = "Prompt tuning: P trainable soft-token embeddings before the input"
 PAPER = ("Lester et al., 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, "
          "https://arxiv.org/abs/2104.08691")
-CAPABILITIES = Capabilities()
+CAPABILITIES = Capabilities(exports=("peft",))
 NO_MERGE = ("soft tokens are extra inputs that every layer attends to; attention over them is not a linear map "
             "of the input, so there is no weight update to fold into the base model")
 MODULE_NAME = "prompt_tuning"
@@ -100,3 +101,19 @@ def apply(model: nn.Module, config: Config, *, tokenizer: Any = None) -> MethodH
 def num_parameters(model: nn.Module, config: Config) -> int:
     """Closed form: P·d (d = the input-embedding width)."""
     return config.num_tokens * model.get_input_embeddings().embedding_dim
+
+
+# --------------------------------------------------------------------------------------------------------------
+# peft interoperability
+# --------------------------------------------------------------------------------------------------------------
+
+
+def export(handle: MethodHandle, out_dir: Path, base_model_id: str = "") -> Path:
+    """Write the soft prompt in peft's PROMPT_TUNING format: ``prompt_embeddings`` [P, d] in adapter_model.safetensors
+    (the soft tokens, as peft's prompt encoder holds them); token_dim, num_layers and num_attention_heads are left for peft to read from the base model's config,
+    as it does for a new PromptTuningConfig, so ``PeftModel.from_pretrained(base, out_dir)`` gives the same logits."""
+    source = handle.layers[MODULE_NAME]
+    config = {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_id,
+              "num_virtual_tokens": source.num_tokens, "num_transformer_submodules": 1, "token_dim": None,
+              "num_layers": None, "num_attention_heads": None, "inference_mode": True, "prompt_tuning_init": "RANDOM"}
+    return write_peft_adapter(out_dir, config, {"prompt_embeddings": source.embedding})
