@@ -45,6 +45,7 @@ class FieldsSection:
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
+    messages: str = "messages"  # chat-format rows: a list of {role, content} turns (loss on assistant turns)
 
 
 @dataclass

@@ -32,6 +32,7 @@ class FieldMap:
     instruction: str = "instruction"
     input: str = "input"
     output: str = "output"
+    messages: str = "messages"  # chat-format rows: [{role, content}, ...] (see _chat_record)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class Record:
     source: str = ""
     line: int = 0
     options: tuple[str, ...] = ()
+    # a chat-format row: every turn as (role, content); instruction is its first user turn and output its last
+    # assistant turn, for what reads records as single turns (generation, decontamination)
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -247,6 +251,8 @@ def _to_record(row: Any, fields: FieldMap, source: str, line: int, row_format: R
         )
     if row_format is not None:
         return dataclasses.replace(row_format(row, fields), source=source, line=line)
+    if fields.messages in row and fields.instruction not in row:
+        return _chat_record(row[fields.messages], fields.messages, source, line)
     instruction = get_field(row, fields.instruction, "instruction", required=True)
     inp = get_field(row, fields.input, "input", required=False)
     output = get_field(row, fields.output, "output", required=True)
@@ -258,6 +264,40 @@ def _to_record(row: Any, fields: FieldMap, source: str, line: int, row_format: R
         )
     return Record(instruction=instruction, input=inp, output=output, source=source, line=line,
                   options=_options(row))
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def _chat_record(messages: Any, name: str, source: str, line: int) -> Record:
+    """A chat-format row: ``messages`` a list of {role, content} turns with at least one assistant turn (the loss
+    is taken on the assistant turns only: tunelab.data.tokenize)."""
+    if not isinstance(messages, list) or not messages:
+        raise RowError(f"field '{name}' is {'an empty list' if messages == [] else 'a JSON ' + _json_type(messages)}"
+                       f", expected a list of {{role, content}} turns", field=name,
+                       fix="Write the conversation as a list of turns, e.g. [{\"role\": \"user\", \"content\": "
+                           "\"...\"}, {\"role\": \"assistant\", \"content\": \"...\"}]")
+    turns = []
+    for i, turn in enumerate(messages):
+        where = f"{name}[{i}]"
+        if not isinstance(turn, dict):
+            raise RowError(f"{where} is a JSON {_json_type(turn)}, expected an object with role and content",
+                           field=where, fix="Each turn is {\"role\": ..., \"content\": ...}; fix the turn")
+        role, content = turn.get("role"), turn.get("content")
+        if role not in CHAT_ROLES:
+            raise RowError(f"{where}.role is {role!r}, expected one of {', '.join(CHAT_ROLES)}", field=f"{where}.role",
+                           fix="Use the roles system, user and assistant")
+        if not isinstance(content, str):
+            raise RowError(f"{where}.content is a JSON {_json_type(content)}, expected a string",
+                           field=f"{where}.content", fix="Write the turn's text as a string")
+        turns.append((role, content))
+    if not any(role == "assistant" and content.strip() for role, content in turns):
+        raise RowError(f"field '{name}' has no non-empty assistant turn", field=name,
+                       fix="Every conversation needs an assistant reply to train on; add one or remove the row")
+    first_user = next((c for r, c in turns if r == "user"), "")
+    last_assistant = next(c for r, c in reversed(turns) if r == "assistant" and c.strip())
+    return Record(instruction=first_user, input="", output=last_assistant, source=source, line=line,
+                  messages=tuple(turns))
 
 
 def _options(row: dict[str, Any]) -> tuple[str, ...]:

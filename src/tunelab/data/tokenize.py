@@ -65,6 +65,12 @@ def tokenize_records(
         raise DataError(f"data.max_length must be a positive number of tokens, got {max_length}.")
     eos_id = _eos_id(tokenizer)
     records = list(records)
+    chats = [r for r in records if r.messages]
+    if chats:
+        if len(chats) < len(records):
+            raise DataError(f"{chats[0].source or '<records>'}: chat-format rows (messages) and instruction rows are "
+                            f"mixed in one data set; give each kind its own file", source=chats[0].source)
+        return _tokenize_chats(chats, tokenizer, max_length, train_on_prompt, skip_bad_rows)
     prompt_ids = encode_prompts(records, tokenizer, template=template)
     response_ids = _encode(tokenizer, [r.output for r in records], add_special_tokens=False)
     examples: list[Example] = []
@@ -81,6 +87,59 @@ def tokenize_records(
         examples.append(example)
     _count(examples, stats)
     return examples, stats
+
+
+def _tokenize_chats(records: list[Record], tokenizer: Any, max_length: int, train_on_prompt: bool,
+                    skip_bad_rows: bool) -> tuple[list[Example], TokenizeStats]:
+    """Chat-format records through the tokenizer's chat template; the loss on the assistant turns only (each
+    turn's content and the end-of-turn tokens the template puts after it).
+
+    The tokens of assistant turn i are those the template adds between the conversation up to turn i with the
+    assistant prompt (``add_generation_prompt``) and the conversation through turn i; the template must render a
+    conversation as the prefix of its continuation, which the row's error says when it does not."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{records[0].source or '<records>'}: chat-format rows (messages) need a tokenizer with a "
+                        f"chat template; this model's tokenizer has none (use instruction/output rows and a "
+                        f"template such as alpaca)", source=records[0].source)
+    examples, stats = [], TokenizeStats()
+    for record in records:
+        ids, labels = _chat_ids(record, tokenizer, train_on_prompt)
+        n_truncated = len(ids) > max_length
+        ids, labels = ids[:max_length], labels[:max_length]
+        if all(t == IGNORE_INDEX for t in labels[1:]):
+            if not skip_bad_rows:
+                raise DataError(f"{record.source or '<records>'}:{record.line}: no assistant token is left after "
+                                f"truncation to data.max_length ({max_length}); raise data.max_length or pass "
+                                f"--skip-bad-rows", source=record.source, line=record.line, field="max_length")
+            stats.n_dropped += 1
+            stats.dropped_lines.append(record.line)
+            continue
+        stats.n_truncated += n_truncated
+        examples.append(Example(input_ids=ids, labels=labels, line=record.line, source=record.source))
+    _count(examples, stats)
+    return examples, stats
+
+
+def _chat_ids(record: Record, tokenizer: Any, train_on_prompt: bool) -> tuple[list[int], list[int]]:
+    def render(turns: Sequence[tuple[str, str]], prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template([{"role": r, "content": c} for r, c in turns], tokenize=True,
+                                            add_generation_prompt=prompt)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    turns = list(record.messages)
+    ids = render(turns, prompt=False)
+    labels = list(ids) if train_on_prompt else [IGNORE_INDEX] * len(ids)
+    for i, (role, _) in enumerate(turns):
+        if role != "assistant":
+            continue
+        before, through = render(turns[:i], prompt=True), render(turns[: i + 1], prompt=False)
+        if through[: len(before)] != before or ids[: len(through)] != through:
+            raise DataError(f"{record.source or '<records>'}:{record.line}: the tokenizer's chat template does not "
+                            f"render this conversation as a prefix of its continuation (turn {i}), so the assistant "
+                            f"tokens cannot be found; use instruction/output rows for this model", source=record.source,
+                            line=record.line, field=f"messages[{i}]")
+        labels[len(before): len(through)] = through[len(before):]
+    return ids, labels
 
 
 def encode_prompts(records: Sequence[Record], tokenizer: Any, *, template: str = "alpaca") -> list[list[int]]:

@@ -40,7 +40,8 @@ class PreparedData:
 
 def read_source(spec: str, data: DataSection, seed: int) -> tuple[list[Record], list]:
     """Records from a file path or a ``synthetic:NAME:SPLIT:N`` spec."""
-    fields = FieldMap(instruction=data.fields.instruction, input=data.fields.input, output=data.fields.output)
+    fields = FieldMap(instruction=data.fields.instruction, input=data.fields.input, output=data.fields.output,
+                      messages=data.fields.messages)
     return load_source(spec, fields, skip_bad_rows=data.skip_bad_rows, seed=seed, format=data.format)
 
 
