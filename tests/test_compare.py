@@ -42,6 +42,8 @@ def test_compare_table_with_a_failing_row_and_rerun_skips(tmp_path):
     table = (out / "table.md").read_text()
     assert "| lora | lora |" in table and "matched no linear layer" in table
     assert (out / "table.csv").read_text().count("\n") == 4 and (out / "chart.png").stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    assert "<table>" in page and "matched no linear layer" in page and "data:image/png;base64," in page
     stamp = (out / "lora" / "row.json").stat().st_mtime_ns
     again = compare(path)
     assert (out / "lora" / "row.json").stat().st_mtime_ns == stamp

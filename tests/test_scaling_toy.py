@@ -175,6 +175,8 @@ def test_mini_toy_study_end_to_end(tmp_path, capsys, monkeypatch):
     assert main(["lab", "toy", "--scale", "mini", "--out", str(out), "--workers", "2", "--no-check"]) == 0
     report = (out / "report" / "report.md").read_text()
     assert "## The paper's findings at this scale" in report and "β_FMT > β_PET" in report
+    page = (out / "report" / "report.html").read_text()
+    assert page.count("<table>") >= 3 and page.count("data:image/png;base64,") >= 3 and 'src="loss' not in page
     # the preconditions come first, measured: the mini scale meets few of them and says so
     assert report.index("## Preconditions") < report.index("## The paper's findings")
     pre = json.loads((out / "report" / "preconditions.json").read_text())

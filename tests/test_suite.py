@@ -136,6 +136,7 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     assert lora["vs_base"]["math"][0] == pytest.approx(stats["accuracy"] - 1.0)
     table = (report / "table.md").read_text()
     assert "addsub-eq 2" in table and "| lora |" in table and "commit" in table
+    assert "<table>" in (report / "report.html").read_text()
     # every unit records the commit of the code that ran it; the header counts units per commit
     from tunelab.study.provenance import commit
 

@@ -1,6 +1,6 @@
 """`tunelab report STUDY`: markdown + PNG plots of a study's fits and the paper's findings with our verdicts.
 
-Writes ``STUDY/report/``: ``report.md``, ``fit.json`` (laws, convergence, estimates, intervals), and plots —
+Writes ``STUDY/report/``: ``report.md`` (and ``report.html``, the same page self-contained), ``fit.json`` (laws, convergence, estimates, intervals), and plots —
 ``loss_vs_df_<method>.png`` (loss against D_f per axis and factor value, fitted curves, held-out points marked),
 ``predicted_vs_observed.png`` (both laws) and ``critical_df.png`` (critical D_f against model size).
 """
@@ -37,6 +37,9 @@ def write_report(store: Store, out_dir: str | Path, *, bootstrap_replicates: int
     plots += [plot_predicted_vs_observed(study, out), plot_critical_df(study, out)]
     text = render_markdown(study, store, [p for p in plots if p is not None], time.perf_counter() - t0)
     atomic_write_text(out / "report.md", text)
+    from tunelab.htmlpage import write_page
+
+    write_page(out / "report.md")  # report.html: the same page, self-contained
     return out / "report.md"
 
 

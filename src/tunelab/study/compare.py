@@ -168,7 +168,7 @@ def _collect(row: CompareRow, run_dir: Path, row_dir: Path, train_wall: float, w
 
 
 def compare(path: str | Path, *, rerun: bool = False) -> list[dict[str, Any]]:
-    """Run (or resume) a comparison; write table.md, table.csv, chart.png and results.json."""
+    """Run (or resume) a comparison; write table.md, table.csv, chart.png, results.json and report.html."""
     cfg = load_compare(path)
     results = run_rows(cfg, rerun=rerun)
     write_tables(cfg, results, Path(cfg.output_dir))
@@ -246,6 +246,9 @@ def write_tables(cfg: CompareConfig, results: list[dict[str, Any]], out: Path) -
     atomic_write_text(out / "table.csv", buf.getvalue())
     atomic_write_json(out / "results.json", results)
     _chart(cfg, results, out / "chart.png")
+    from tunelab.htmlpage import write_page
+
+    write_page(out / "table.md", out / "report.html", [out / "chart.png"])
 
 
 def _chart(cfg: CompareConfig, results: list[dict[str, Any]], path: Path) -> None:

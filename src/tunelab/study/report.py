@@ -323,7 +323,8 @@ def _unit_commits(store: Store) -> dict[str, int]:
 
 
 def write_report(run: Any, store: Store, folder: Path | None = None, command: str | None = None) -> Path:
-    """OUT/report/ (or ``folder``): results.json, table.md, chart.png."""
+    """OUT/report/ (or ``folder``): results.json, table.md, chart.png, report.html (table and chart in one
+    self-contained page)."""
     folder = folder or run.out / "report"
     result = collect(run, store)
     result["meta"] = {"command": command or f"tunelab suite {run.source} --scale {run.scale_name}",
@@ -346,4 +347,7 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
     atomic_write_json(folder / "results.json", result)
     atomic_write_text(folder / "table.md", markdown(result, sets, header))
     _chart(result, sets, folder / "chart.png")
+    from tunelab.htmlpage import write_page
+
+    write_page(folder / "table.md", folder / "report.html", [folder / "chart.png"])
     return folder
