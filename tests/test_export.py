@@ -99,3 +99,23 @@ def test_prompt_and_prefix_peft_exports_load_in_peft_with_the_same_logits(tmp_pa
         theirs = theirs[:, 4:]  # peft returns the soft positions too
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(theirs[keep], ours[keep], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("case", ["lora", "qlora-nf4"])
+def test_gguf_export_reads_back_with_the_transformers_gguf_loader(tmp_path, case):
+    run = _train(tmp_path, "tiny-llama", case, CASES[case])
+    model, tok, _, _ = load_run(run, dtype="fp32")
+    batch = batch_for(tok)
+    with torch.no_grad():
+        expected = model(**batch).logits
+    out = export_run(run, tmp_path / "gguf", "gguf")
+    plain = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf", dtype=torch.float32)
+    with torch.no_grad():
+        got = plain(**batch).logits
+    torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4)
+
+
+def test_gguf_export_of_another_architecture_says_what_to_do(tmp_path):
+    run = _train(tmp_path, "tiny-gpt2", "lora", CASES["lora"])
+    with pytest.raises(RunError, match="Llama-architecture models.*convert_hf_to_gguf"):
+        export_run(run, tmp_path / "gguf", "gguf")

@@ -55,9 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="write a finished run in a format other tools load: merged (a transformers "
                                       "folder with the update folded in) or peft")
     x.add_argument("run", help="run directory")
-    x.add_argument("--format", default="merged", choices=("merged", "peft"),
+    x.add_argument("--format", default="merged", choices=("merged", "peft", "gguf"),
                    help="merged: save_pretrained folder (full, LoRA, random masking, QLoRA/LoftQ dequantized); "
-                        "peft: the adapter in peft's format (LoRA, prompt, prefix)")
+                        "peft: the adapter in peft's format (LoRA, prompt, prefix); gguf: the merged model as one GGUF "
+                        "file (Llama architecture)")
     x.add_argument("--out", required=True, help="output folder")
 
     e = sub.add_parser("eval", help="evaluate a run or a model on tasks (accuracy with 95%% intervals)")
