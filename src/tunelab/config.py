@@ -110,11 +110,17 @@ class TrainSection:
     compile: bool = False  # torch.compile each decoder block (dynamic shapes): ~40 s once, then faster steps
     progress: bool = True
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb
+    # under torchrun: ddp (a full copy per process) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer
+    # states sharded over the processes; no resumable checkpoints yet)
+    distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         from tunelab.train.tracking import check_names
 
         check_names(self.report_to)
+        if self.distributed == "fsdp" and self.save_every:
+            raise ConfigError("train.distributed: fsdp saves no resumable checkpoints yet (sharded checkpoints are not "
+                              "written); set train.save_every=0, or use distributed: ddp for a resumable run")
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")
@@ -198,6 +204,8 @@ class RunConfig:
             del data["data"]["format"]
         if not data["train"]["report_to"]:  # as do runs without trackers (trackers do not change what is trained)
             del data["train"]["report_to"]
+        if data["train"]["distributed"] == "ddp":  # and DDP runs (the only kind before FSDP)
+            del data["train"]["distributed"]
         if data["quantize"] is None:  # unquantized runs keep the config (and config hash) they always had
             del data["quantize"]
         else:  # so do quantized runs that leave the embedding in bf16 (the options added with it are dropped)
@@ -226,6 +234,12 @@ def config_from_dict(data: dict[str, Any], lines: Lines | None = None) -> RunCon
     except ConfigError as e:
         raise ConfigError(f"{lines.where('method')}{e}") from None
     cfg.method = {"name": method["name"], **dataclasses.asdict(resolved)}  # every default filled in
+    if cfg.train.distributed == "fsdp":
+        from tunelab.methods import get_method
+
+        if not get_method(method["name"]).CAPABILITIES.fsdp:
+            raise ConfigError(f"{lines.where('train.distributed')}train.distributed: fsdp: method "
+                              f"'{method['name']}' does not train sharded (see its docs); use distributed: ddp")
     return cfg
 
 

@@ -39,6 +39,7 @@ class Capabilities:
     mergeable: bool = False  # its update folds into the base weights (merge / merge_and_unload)
     loftq_init: bool = False  # it can start from LoftQ's low-rank factors (it provides low_rank / init_low_rank)
     exports: tuple[str, ...] = ()  # peer formats its ``export`` writes next to every run (e.g. "peft")
+    fsdp: bool = True  # it trains under train.distributed: fsdp (its compute stays inside the model's forward)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,9 @@ from tunelab.methods.prefix import (
 DESCRIPTION = "Prompt tuning: P trainable soft-token embeddings before the input"
 PAPER = ("Lester et al., 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, "
          "https://arxiv.org/abs/2104.08691")
-CAPABILITIES = Capabilities(exports=("peft",))
+# the soft prompt's keys/values come from running the blocks outside the model's forward, where FSDP does not
+# gather their parameters
+CAPABILITIES = Capabilities(exports=("peft",), fsdp=False)
 NO_MERGE = ("soft tokens are extra inputs that every layer attends to; attention over them is not a linear map "
             "of the input, so there is no weight update to fold into the base model")
 MODULE_NAME = "prompt_tuning"

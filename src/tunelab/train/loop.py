@@ -170,6 +170,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self._model, self._tokenizer = model, tokenizer
         self.trackers: Any = None  # train.report_to (opened in run)
+        self.final_state_bytes: dict[str, int] | None = None
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -180,8 +181,8 @@ class Trainer:
         self._setup_method()
         self.data: PreparedData = self._prepare_data()
         self._setup_plan()
-        self._build_optimizer()
         self._setup_kernels()
+        self._build_optimizer()  # after sharding: FSDP replaces the parameters by sharded ones
 
     def _setup_process(self) -> None:
         t = self.cfg.train
@@ -250,8 +251,45 @@ class Trainer:
         elif fused_kernels_wanted(t.fused_kernels, autocast, self.model):
             self._restore_fused = use_fused_kernels(self.model)
         self.forward = LossModule(self.model)
-        if self.info.enabled:
+        if self.info.enabled and t.distributed == "fsdp":
+            self._shard()
+        elif self.info.enabled:
             self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, find_unused_parameters=False)
+
+    @property
+    def sharded(self) -> bool:
+        return self.info.enabled and self.cfg.train.distributed == "fsdp"
+
+    def _shard(self) -> None:
+        """FSDP2 on the decoder blocks: each block is one unit, its parameters, gradients and optimizer states
+        sharded over the processes (all-gathered for its forward and backward, gradients reduce-scattered and
+        averaged, as DDP's all-reduce averages). The parameters outside the blocks (embeddings, final norm, head —
+        the loss reads the head's weight directly, outside any forward an FSDP root could hook) stay replicated,
+        their gradients all-reduced after each step's backward (``_sync_replicated``)."""
+        from torch.distributed.fsdp import fully_shard
+
+        lists = [m for m in self.model.modules() if isinstance(m, nn.ModuleList)]
+        blocks = max(lists, key=len) if lists else []
+        for block in blocks:
+            fully_shard(block)
+        self.params = self.handle.trainable_parameters()  # the sharded parameters are DTensors now
+        self.replicated = [p for p in self.params.values() if not hasattr(p, "full_tensor")]
+
+    def _sync_replicated(self) -> None:
+        import torch.distributed as dist
+
+        for p in getattr(self, "replicated", []):
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.info.world_size)
+
+    def _unshard(self) -> None:
+        """Gather every FSDP unit's full parameters (collective), for the final save and checks."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.unshard()
 
     def _prepare_data(self) -> PreparedData:
         """Tokenised training/eval sets; rows that --skip-bad-rows left out are reported on the console too."""
@@ -266,6 +304,9 @@ class Trainer:
         decay = [p for p in self.params.values() if p.ndim >= 2]
         no_decay = [p for p in self.params.values() if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.sharded:  # the fused kernel takes sharded (DTensor) and replicated tensors in separate groups
+            groups = [{**g, "params": [p for p in g["params"] if hasattr(p, "full_tensor") == sharded]}
+                      for g in groups for sharded in (True, False)]
         groups = [g for g in groups if g["params"]]
         self.param_order = [n for n, p in self.params.items() if p.ndim >= 2] + \
                            [n for n, p in self.params.items() if p.ndim < 2]
@@ -338,6 +379,9 @@ class Trainer:
             "world_size": self.info.world_size,
             **extra,
         }
+        if getattr(self, "final_state_bytes", None) is not None:  # rank 0's share, for DDP/FSDP memory comparisons
+            meta["distributed"] = {"mode": self.cfg.train.distributed if self.info.enabled else "none",
+                                   "state_bytes_rank0": self.final_state_bytes}
         atomic_write_json(self.run_dir / META_FILE, meta)
 
     # -- one step --------------------------------------------------------------------------------------------
@@ -355,6 +399,8 @@ class Trainer:
                 loss = s * (info.world_size / max(n_target, 1))
             loss.backward()
             total += float(s.detach())
+        if self.sharded:
+            self._sync_replicated()
         total, tokens = all_reduce_sum([total, tokens], info)  # every process sees the same sum: all stop together
         self._check_finite(step + 1, "train loss", total / max(n_target, 1))
         grad_norm = self._clip()
@@ -373,10 +419,29 @@ class Trainer:
     def _clip(self) -> float:
         max_norm = self.cfg.train.max_grad_norm
         params = list(self.params.values())
+        if self.sharded:
+            return self._clip_sharded(params, max_norm)
         if max_norm is None or max_norm <= 0:
             norms = [p.grad.detach().norm() for p in params if p.grad is not None]
             return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))
+
+    def _clip_sharded(self, params: list[torch.Tensor], max_norm: float | None) -> float:
+        """The global gradient norm over sharded (DTensor) and replicated gradients, clipped like
+        clip_grad_norm_: the shards' squared norms summed over the processes, the replicated ones counted once."""
+        import torch.distributed as dist
+
+        grads = [p.grad for p in params if p.grad is not None]
+        shard_sq = sum((g.to_local().float() ** 2).sum() for g in grads if hasattr(g, "to_local"))
+        repl_sq = sum((g.float() ** 2).sum() for g in grads if not hasattr(g, "to_local"))
+        shard_sq = torch.as_tensor(shard_sq, dtype=torch.float64)
+        dist.all_reduce(shard_sq)
+        total = float(torch.sqrt(shard_sq + float(repl_sq)))
+        if max_norm and max_norm > 0 and total > max_norm:
+            scale = max_norm / (total + 1e-6)
+            for g in grads:
+                g.mul_(scale)
+        return total
 
     def _check_finite(self, step: int, what: str, value: float) -> None:
         if not math.isfinite(value):
@@ -404,12 +469,16 @@ class Trainer:
         total, count = 0.0, 0
         bs = self.cfg.train.batch_size
         order = sorted(range(len(self.data.eval)), key=lambda i: len(self.data.eval[i].input_ids))
-        shards = [order[i: i + bs] for i in range(0, len(order), bs)][self.info.rank:: self.info.world_size]
-        for idx in shards:
+        batches = [order[i: i + bs] for i in range(0, len(order), bs)]
+        shards = batches[self.info.rank:: self.info.world_size]
+        rounds = -(-len(batches) // self.info.world_size)  # FSDP: every process runs the same number of forwards
+        for k in range(rounds if self.sharded else len(shards)):
+            idx = shards[k] if k < len(shards) else batches[0]
             batch = collate([self.data.eval[i] for i in idx], self.pad_id)
             with self.autocast:
                 s, n = nll_sum(self.model, batch)
-            total, count = total + float(s), count + n
+            if k < len(shards):
+                total, count = total + float(s), count + n
         self.model.train()
         total, count = all_reduce_sum([total, count], self.info)
         return {"eval_loss": mean_nll(total, int(count)), "eval_target_tokens": int(count)}
@@ -511,7 +580,21 @@ class Trainer:
             if not bool(torch.isfinite(p.detach()).all()):
                 self._diverged(self.total_steps, f"trained weight {name} is not finite")
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes this process holds of the trained parameters and their optimizer states (local shards only)."""
+        def local(t: torch.Tensor) -> torch.Tensor:
+            return t.to_local() if hasattr(t, "to_local") else t
+
+        params = sum(local(p).numel() * local(p).element_size() for p in self.params.values())
+        states = sum(local(v).numel() * local(v).element_size() for st in self.optimizer.state.values()
+                     for v in st.values() if isinstance(v, torch.Tensor) and v.ndim > 0)
+        return {"trained_params": params, "optimizer_states": states}
+
     def _finish(self, eval_metrics: dict[str, float] | None) -> TrainResult:
+        self.final_state_bytes = self.state_bytes()  # before the final gather
+        if self.sharded:
+            self._unshard()
+            self.params = self.handle.trainable_parameters()
         self._check_weights()
         c = self.counters
         result = TrainResult(
