@@ -22,28 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from harness import (
-    BATCH,
-    MODEL,
-    PROMPT_LEN,
-    RESULT_PREFIX,
-    SEQ_LEN,
-    Probes,
-    add_common_args,
-    environment,
-    load_average,
-    log,
-    measure,
-    memory_report,
-    package_version,
-    ratio,
-    rounded,
-    run_child_process,
-    train_tunelab,
-    wait_for_idle,
-    worker_prepare,
-    write_result,
-)
+import harness as h
 
 REPO = Path(__file__).resolve().parent.parent
 REFT = {"r": 4, "layers": "all", "positions": "f7+l7", "tied": True}
@@ -65,7 +44,7 @@ CONFIGS: dict[str, str] = {
 
 def worker_tunelab(workdir: Path, steps: int) -> dict[str, Any]:
     """tunelab's loop on the shared data (harness.train_tunelab)."""
-    return train_tunelab(workdir, "loreft", {"name": "loreft", **REFT}, steps=steps, lr=LR)
+    return h.train_tunelab(workdir, "loreft", {"name": "loreft", **REFT}, steps=steps, lr=LR)
 
 
 def pyreft_model(model: Any) -> Any:
@@ -84,8 +63,8 @@ def pyreft_model(model: Any) -> Any:
 
 def locations(layers: int) -> list[list[list[int]]]:
     """pyreft's unit_locations for f7+l7 tied over a 64-token prompt: per intervention, per row, the positions."""
-    row = list(range(FIRST)) + list(range(PROMPT_LEN - LAST, PROMPT_LEN))
-    return [[row] * BATCH] * layers
+    row = list(range(FIRST)) + list(range(h.PROMPT_LEN - LAST, h.PROMPT_LEN))
+    return [[row] * h.BATCH] * layers
 
 
 def worker_pyreft(workdir: Path, steps: int, autocast: bool) -> dict[str, Any]:
@@ -93,15 +72,15 @@ def worker_pyreft(workdir: Path, steps: int, autocast: bool) -> dict[str, Any]:
 
     from tunelab.models import load_model
 
-    probes = Probes()
+    probes = h.Probes()
     torch.manual_seed(0)
-    model, _ = load_model(MODEL, "fp32")
+    model, _ = load_model(h.MODEL, "fp32")
     reft_model = pyreft_model(model)
     reft_model.model.train()
     params = [p for p in reft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=LR)
     rows = json.loads((workdir / "tokens.json").read_text())
-    batches = [rows[i: i + BATCH] for i in range(0, len(rows), BATCH)]
+    batches = [rows[i: i + h.BATCH] for i in range(0, len(rows), h.BATCH)]
     where = {"sources->base": (None, locations(model.config.num_hidden_layers))}
     step_s, losses = [], []
     for step in range(steps):
@@ -116,15 +95,15 @@ def worker_pyreft(workdir: Path, steps: int, autocast: bool) -> dict[str, Any]:
         opt.zero_grad()
         step_s.append(time.perf_counter() - t0)
         losses.append(out.loss.detach().item())
-        log(f"  step {step + 1}/{steps}: {step_s[-1]:.3f} s, loss {losses[-1]:.4f}")
-    return {"step_s": step_s, "tokens": [BATCH * SEQ_LEN] * steps, "loss": losses,
+        h.log(f"  step {step + 1}/{steps}: {step_s[-1]:.3f} s, loss {losses[-1]:.4f}")
+    return {"step_s": step_s, "tokens": [h.BATCH * h.SEQ_LEN] * steps, "loss": losses,
             "trainable_params": sum(p.numel() for p in params),
-            "total_params": sum(p.numel() for p in model.parameters()), **memory_report(probes)}
+            "total_params": sum(p.numel() for p in model.parameters()), **h.memory_report(probes)}
 
 
 def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
     if name == "prepare":
-        return worker_prepare(workdir, steps)
+        return h.worker_prepare(workdir, steps)
     if name == "tunelab-loreft":
         out = worker_tunelab(workdir, steps)
     else:
@@ -142,7 +121,7 @@ def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
 
 def run_child(name: str, workdir: Path, steps: int, timeout: float) -> dict[str, Any]:
     """``--worker name`` in a fresh interpreter; stderr passed through, the result line parsed."""
-    return run_child_process(__file__, ["--worker", name, "--workdir", str(workdir), "--steps", str(steps)], timeout=timeout)
+    return h.run_child_process(__file__, ["--worker", name, "--workdir", str(workdir), "--steps", str(steps)], timeout=timeout)
 
 
 def summarise(name: str, raw: dict[str, Any], warmup: int) -> dict[str, Any]:
@@ -150,7 +129,7 @@ def summarise(name: str, raw: dict[str, Any], warmup: int) -> dict[str, Any]:
         return {"description": CONFIGS[name], **raw}
     keep = ("peak_rss_mib", "peak_rss_train_mib", "rss_before_training_mib", "trainable_params", "total_params",
             "torch_threads", "process_wall_s")
-    return {"description": CONFIGS[name], "status": "ok", **measure(raw, warmup),
+    return {"description": CONFIGS[name], "status": "ok", **h.measure(raw, warmup),
             **{k: raw.get(k) for k in keep}, "loss_first_last": [raw["loss"][0], raw["loss"][-1]],
             "all_step_s": raw["step_s"]}
 
@@ -161,15 +140,15 @@ def comparison(configs: dict[str, Any]) -> dict[str, Any]:
     if mine.get("status") != "ok" or not peers:
         return {"available": False}
     best = max(peers, key=lambda n: configs[n]["tokens_per_s"])
-    speed = ratio(mine["tokens_per_s"], configs[best]["tokens_per_s"])
+    speed = h.ratio(mine["tokens_per_s"], configs[best]["tokens_per_s"])
     return {"vs": best, "tokens_per_s_ratio": speed,
-            "peak_rss_ratio": ratio(mine["peak_rss_mib"], configs[best]["peak_rss_mib"]),
+            "peak_rss_ratio": h.ratio(mine["peak_rss_mib"], configs[best]["peak_rss_mib"]),
             "target": f"tokens/s >= {TARGET}x", "target_met": None if speed is None else speed >= TARGET}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_common_args(p, list(CONFIGS), "reft-throughput", steps=12, warmup=2, wait_idle=120)
+    h.add_common_args(p, list(CONFIGS), "reft-throughput", steps=12, warmup=2, wait_idle=120)
     return p.parse_args(argv)
 
 
@@ -179,8 +158,8 @@ def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[s
         raise SystemExit(f"data preparation failed: {prep}")
     configs = {}
     for name in names:
-        idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
-        log(f"{name} ({args.steps} steps; idle check {idle})")
+        idle = h.wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
+        h.log(f"{name} ({args.steps} steps; idle check {idle})")
         configs[name] = {**summarise(name, run_child(name, workdir, args.steps, args.timeout), args.warmup),
                          "idle_wait": idle}
     return configs
@@ -189,26 +168,26 @@ def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[s
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.worker:
-        print(RESULT_PREFIX + json.dumps(run_worker(args.worker, args.workdir, args.steps)), flush=True)
+        print(h.RESULT_PREFIX + json.dumps(run_worker(args.worker, args.workdir, args.steps)), flush=True)
         return 0
     names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
-    env = {**environment(REPO), "pyreft": package_version("pyreft"), "pyvene": package_version("pyvene"),
-           "load_average_before": load_average()}
+    env = {**h.environment(REPO), "pyreft": h.package_version("pyreft"), "pyvene": h.package_version("pyvene"),
+           "load_average_before": h.load_average()}
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tunelab-bench-reft-") as tmp:
         configs = run_all(args, names, Path(tmp))
     env["bench_wall_s"] = round(time.perf_counter() - t0, 1)
-    result = rounded({
+    result = h.rounded({
         "benchmark": "reft_throughput",
-        "settings": {"model": MODEL, "batch": BATCH, "seq_len": SEQ_LEN, "prompt_tokens_per_row": PROMPT_LEN,
+        "settings": {"model": h.MODEL, "batch": h.BATCH, "seq_len": h.SEQ_LEN, "prompt_tokens_per_row": h.PROMPT_LEN,
                      "reft": REFT, "lr": LR, "steps": args.steps, "warmup_steps_excluded": args.warmup},
-        "environment": env, "configs": configs, "tunelab vs best pyreft": comparison(configs),
+        "h.environment": env, "configs": configs, "tunelab vs best pyreft": comparison(configs),
         "median_tokens_per_s": {n: c.get("tokens_per_s") for n, c in configs.items()},
         "notes": ["tokens_per_s: median over measured steps of tokens/step_s; tunelab step_s covers its whole step "
                   "(forward, backward, clipping, AdamW, scheduler), the pyreft loop forward, backward, AdamW, "
                   "zero_grad", "peak_rss_mib: ru_maxrss of the configuration's own child process"],
     })
-    write_result("reft-throughput", result, args.out)
+    h.write_result("reft-throughput", result, args.out)
     return 0
 
 
