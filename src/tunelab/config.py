@@ -110,17 +110,14 @@ class TrainSection:
     compile: bool = False  # torch.compile each decoder block (dynamic shapes): ~40 s once, then faster steps
     progress: bool = True
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb
-    # under torchrun: ddp (a full copy per process) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer
-    # states sharded over the processes; no resumable checkpoints yet)
+    # under torchrun: ddp (a full copy per process) or fsdp (FSDP2 fully_shard on the decoder blocks: parameters,
+    # gradients and optimizer states sharded over the processes; checkpoints gathered to full tensors)
     distributed: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         from tunelab.train.tracking import check_names
 
         check_names(self.report_to)
-        if self.distributed == "fsdp" and self.save_every:
-            raise ConfigError("train.distributed: fsdp saves no resumable checkpoints yet (sharded checkpoints are not "
-                              "written); set train.save_every=0, or use distributed: ddp for a resumable run")
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")

@@ -308,8 +308,8 @@ class Trainer:
             groups = [{**g, "params": [p for p in g["params"] if hasattr(p, "full_tensor") == sharded]}
                       for g in groups for sharded in (True, False)]
         groups = [g for g in groups if g["params"]]
-        self.param_order = [n for n, p in self.params.items() if p.ndim >= 2] + \
-                           [n for n, p in self.params.items() if p.ndim < 2]
+        names = {id(p): n for n, p in self.params.items()}
+        self.param_order = [names[id(p)] for g in groups for p in g["params"]]  # the optimizer's indices
         self.optimizer = adamw(groups, lr=t.lr, betas=tuple(t.adam_betas))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer,
@@ -352,6 +352,14 @@ class Trainer:
         return self._restore(*found)
 
     def _restore(self, path: Path, state: ckpt.TrainingState) -> int:
+        if self.sharded:  # a checkpoint holds full tensors: every process takes its shards of them
+            own = self.handle.state_dict()
+            state.trainable = {k: _like(v, own.get(k)) for k, v in state.trainable.items()}
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            for index, per_param in state.optimizer["state"].items():
+                for key, value in list(per_param.items()):
+                    if value.ndim > 0:
+                        per_param[key] = _like(value, params[index])
         self.handle.load_state_dict(state.trainable)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
@@ -566,9 +574,12 @@ class Trainer:
         return metrics
 
     def _save_checkpoint(self, step: int) -> None:
+        trainable, optimizer = self.handle.state_dict(), self.optimizer.state_dict()
+        if self.sharded:  # every process takes part in gathering the shards; the main one writes them
+            trainable, optimizer = _gathered(trainable), _gathered_optimizer(optimizer)
         if self.info.is_main:
             state = ckpt.TrainingState(
-                step=step, trainable=self.handle.state_dict(), optimizer=self.optimizer.state_dict(),
+                step=step, trainable=trainable, optimizer=optimizer,
                 scheduler=self.scheduler.state_dict(), rng=ckpt.rng_state(), counters=dict(self.counters))
             self.last_checkpoint = ckpt.save_checkpoint(self.ckpt_root, state, self.param_order,
                                                         keep=self.cfg.train.keep_checkpoints)
@@ -615,6 +626,29 @@ class Trainer:
             self._write_meta("complete", metrics=metrics)
         barrier(self.info)
         return result
+
+
+def _full(t: Any) -> Any:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _gathered(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors of FSDP shards (a collective: every process calls it with the same keys in the same order)."""
+    return {k: _full(v).detach() for k, v in state.items()}
+
+
+def _gathered_optimizer(state: dict[str, Any]) -> dict[str, Any]:
+    return {"state": {i: {k: _full(v) for k, v in per.items()} for i, per in state["state"].items()},
+            "param_groups": state["param_groups"]}
+
+
+def _like(full: torch.Tensor, ref: Any) -> torch.Tensor:
+    """``full`` as a DTensor sharded like ``ref`` (a plain tensor stays plain)."""
+    if ref is None or not hasattr(ref, "device_mesh"):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(full.to(ref.dtype), ref.device_mesh, ref.placements)
 
 
 def _progress(total: int, initial: int, enabled: bool):
