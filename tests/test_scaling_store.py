@@ -154,12 +154,24 @@ def test_killed_worker_is_replaced_and_its_run_redone(tmp_path):
 
 @pytest.mark.slow
 def test_ray_executor_on_a_local_ray_instance(tmp_path):
-    """The same worker loop as Ray tasks against a local Ray instance (only where Ray is installed)."""
+    """Runs as Ray tasks on a local Ray instance, committed by the driver; a run whose training raises (here: its
+    loss turns NaN) is recorded as failed with its traceback and not retried (only where Ray is installed)."""
     pytest.importorskip("ray")
-    spec = load_spec(_tiny_spec(tmp_path, d_f=(8, 16), steps=4))
-    result = sweep(spec, workers=2, executor="ray")
-    assert result.counts == {"pending": 0, "running": 0, "done": 2, "failed": 0}
-    assert all(r.attempts == 1 and r.metrics["test_nll"] > 0 for r in Store(spec.store_path).rows())
+    path = _tiny_spec(tmp_path, d_f=(8, 16), steps=4)
+    raw = yaml.safe_load(path.read_text())
+    raw["methods"].append({"label": "diverges", "method": {"name": "lora", "r": 2, "alpha": 4}, "train": {"lr": 1e30}})
+    path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(path)
+    result = sweep(spec, workers=2, executor="ray", threads=1)
+    assert result.counts == {"pending": 0, "running": 0, "done": 2, "failed": 2}
+    rows = Store(spec.store_path).rows()
+    assert sum(result.nodes.values()) == 2 and all(r.pid == os.getpid() for r in rows)
+    for r in rows:
+        assert r.attempts == 1
+        if r.status == "done":
+            assert r.metrics["test_nll"] > 0 and r.metrics["node"] in result.nodes
+        else:
+            assert "train_on_node" in r.error and "Lower train.lr" in r.error and "\x1b[" not in r.error
 
 
 def test_killing_only_the_sweep_stops_its_workers_and_a_second_sweep_is_refused(tmp_path):

@@ -19,8 +19,13 @@ EXAMPLES = """
 def add_parsers(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("sweep", help="run a scaling sweep spec's grid with worker processes (resumable)")
     s.add_argument("spec", help="sweep spec YAML (see configs/scaling-*.yaml)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes (threads each = cores // workers)")
-    s.add_argument("--executor", choices=["local", "ray"], default="local")
+    s.add_argument("--workers", type=int, default=1,
+                   help="runs at once: worker processes (local) or Ray tasks in flight (ray)")
+    s.add_argument("--threads", type=int, help="torch threads per run (default: this machine's cores // workers)")
+    s.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: tasks on a Ray cluster, this process alone "
+                        "writes the store")
+    s.add_argument("--address", help="Ray cluster to join, HEAD_IP:PORT (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     s.add_argument("--check", action="store_true", help="validate the spec, print the grid size and exit")
 
@@ -74,11 +79,19 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.spec}: OK ({len(expand(spec))} runs; store {spec.store_path})")
         return 0
-    print(f"sweep {spec.name}: {args.workers} worker(s) × {threads_per_worker(args.workers)} thread(s), "
-          f"store {spec.store_path}")
-    result = sweep(spec, workers=args.workers, executor=args.executor, retry_failed=args.retry_failed)
+    if args.address and args.executor != "ray":
+        from tunelab.errors import ConfigError
+
+        raise ConfigError("--address names a Ray cluster: add --executor ray")
+    threads = args.threads or threads_per_worker(args.workers)
+    print(f"sweep {spec.name}: {args.workers} {'Ray task' if args.executor == 'ray' else 'worker'}(s) × {threads} "
+          f"thread(s), store {spec.store_path}")
+    result = sweep(spec, workers=args.workers, executor=args.executor, retry_failed=args.retry_failed,
+                   threads=threads, address=args.address)
     print(f"done in {result.seconds:.0f} s: {result.counts}" +
           (f" ({result.replaced_workers} worker(s) replaced)" if result.replaced_workers else ""))
+    if result.nodes is not None:
+        print("runs finished per Ray node: " + ", ".join(f"{n[:12]}… {k}" for n, k in sorted(result.nodes.items())))
     return 0 if result.counts["failed"] == 0 and result.counts["pending"] == 0 else 1
 
 

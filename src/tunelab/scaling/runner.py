@@ -4,8 +4,8 @@
 torch) with T = max(1, cores // N) torch threads each, so that N·T never exceeds the cores. A worker repeats
 claim → train → commit until no run is pending. If a worker dies (killed, out of memory) the run it held is
 recovered by the next claim and the sweep starts a replacement worker; a sweep that is itself killed resumes with
-the same command — finished runs are not repeated. ``executor="ray"`` runs the same worker loop as Ray tasks
-(the store file must then be on a filesystem every node sees).
+the same command — finished runs are not repeated. ``executor="ray"`` trains the runs as tasks on a Ray cluster
+while this process alone reads and writes the store (``tunelab.scaling.rayexec``).
 
 A run is the tunelab training loop (``tunelab.train.loop.Trainer``) on the run's config; its metric is the
 held-out NLL per target token, computed by the loop's evaluation with the training objective
@@ -156,6 +156,7 @@ class SweepResult:
     workers: int
     threads: int
     replaced_workers: int
+    nodes: dict[str, int] | None = None  # Ray: runs finished per node id
 
 
 def prepare(spec: SweepSpec, retry_failed: bool = False) -> Store:
@@ -176,11 +177,12 @@ def _spec_dict(spec: SweepSpec) -> dict[str, Any]:
 
 
 def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_failed: bool = False,
-          max_restarts: int | None = None) -> SweepResult:
-    """Run every pending run of the study (see the module docstring)."""
+          max_restarts: int | None = None, threads: int | None = None, address: str | None = None) -> SweepResult:
+    """Run every pending run of the study (see the module docstring). ``threads``: torch threads per run (default
+    cores // workers); ``address``: the Ray cluster to join (executor "ray"; default RAY_ADDRESS, else local)."""
     t0 = time.perf_counter()
     live = Store(spec.store_path).live_holders() if spec.store_path.is_file() else []
-    if live and executor == "local":
+    if live:
         from tunelab.errors import StoreError
 
         key, host, pid = live[0]
@@ -188,18 +190,21 @@ def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_f
                          f"({len(live)} run(s) in progress). A second sweep would train beside it: wait for that sweep to "
                          "finish, or stop it (Ctrl-C, or kill its process group); its runs are recovered by the next "
                          "sweep")
-    store = prepare(spec, retry_failed)
-    threads = threads_per_worker(workers)
-    runs_dir = str(Path(spec.output_dir) / "runs")
-    if executor == "ray":
-        replaced = _sweep_ray(str(store.path), runs_dir, workers, threads)
-    elif executor == "local":
-        replaced = _sweep_local(str(store.path), runs_dir, workers, threads, max_restarts)
-    else:
+    if executor not in ("local", "ray"):
         from tunelab.errors import ConfigError
 
         raise ConfigError(f"unknown executor {executor!r}; use 'local' (worker processes) or 'ray'")
-    return SweepResult(store.counts(), time.perf_counter() - t0, workers, threads, replaced)
+    store = prepare(spec, retry_failed)
+    threads = threads or threads_per_worker(workers)
+    runs_dir = str(Path(spec.output_dir) / "runs")
+    nodes = None
+    if executor == "ray":
+        from tunelab.scaling.rayexec import sweep_ray
+
+        replaced, nodes = 0, sweep_ray(str(store.path), runs_dir, workers, threads, address)["nodes"]
+    else:
+        replaced = _sweep_local(str(store.path), runs_dir, workers, threads, max_restarts)
+    return SweepResult(store.counts(), time.perf_counter() - t0, workers, threads, replaced, nodes)
 
 
 def _sweep_local(store_path: str, runs_dir: str, workers: int, threads: int, max_restarts: int | None) -> int:
@@ -224,31 +229,3 @@ def _start(ctx: Any, store_path: str, runs_dir: str, threads: int) -> Any:
     p = ctx.Process(target=worker_loop, args=(store_path, runs_dir, threads, None, True), daemon=False)
     p.start()
     return p
-
-
-def ray_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("ray") is not None
-
-
-def _sweep_ray(store_path: str, runs_dir: str, workers: int, threads: int) -> int:
-    """The same worker loop as Ray tasks (ray.init() joins RAY_ADDRESS when set, else starts a local instance)."""
-    if not ray_available():
-        from tunelab.errors import ConfigError
-
-        raise ConfigError("--executor ray needs Ray: pip install 'tunelab[ray]' (or use --executor local)")
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), num_cpus=None if os.environ.get("RAY_ADDRESS")
-                 else workers * threads, include_dashboard=False, log_to_driver=False)
-    task = ray.remote(num_cpus=threads, max_retries=3)(worker_loop)
-    try:
-        ray.get([task.remote(os.path.abspath(store_path), os.path.abspath(runs_dir), threads)
-                 for _ in range(workers)])
-    finally:
-        if started:
-            ray.shutdown()
-    return 0
