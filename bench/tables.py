@@ -63,7 +63,7 @@ def config_cells(configs: dict[str, Any]) -> str:
             parts.append(f"{name}: {c.get('status')}")
             continue
         tps = c.get("tokens_per_s") or (c.get("measured") or {}).get("tokens_per_s")
-        rss = c.get("peak_rss_mib")
+        rss = c.get("peak_rss_mib", c.get("peak_rss_mib_max_rank"))  # distributed: the largest rank's
         if tps is None and rss is None:
             continue
         mfu, dtype = c.get("mfu"), c.get("compute_dtype")
@@ -82,7 +82,7 @@ def ratio_cells(data: dict[str, Any]) -> str:
     for key, r in ratios.items():
         if not isinstance(r, dict) or r.get("available") is False:
             continue
-        shown = {k: v for k, v in r.items() if k.endswith("ratio") and isinstance(v, int | float)}
+        shown = {k: v for k, v in r.items() if (k.endswith("ratio") or "_vs_" in k) and isinstance(v, int | float)}
         met = r.get("target_met")
         verdict = ""
         if isinstance(met, dict):

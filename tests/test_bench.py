@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["train_throughput", "reft_throughput", "masking_throughput", "quant_bench", "tables"]
+SCRIPTS = ["train_throughput", "distributed", "reft_throughput", "masking_throughput", "quant_bench", "tables"]
 
 
 @pytest.fixture

@@ -21,6 +21,12 @@ pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
 
 
+def _ray_env() -> dict[str, str]:
+    """A local test cluster without Ray's token authentication (a token file that an earlier local ray.init left
+    in ~/.ray would otherwise make the worker node's start fail with InvalidAuthToken)."""
+    return {**_env(), "RAY_AUTH_MODE": "disabled"}
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,7 +35,7 @@ def _free_port() -> int:
 
 def _ray(*args: str) -> None:
     subprocess.run([str(RAY), *args, "--disable-usage-stats"] if args[0] == "start" else [str(RAY), *args],
-                   check=True, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
+                   check=True, env=_ray_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120)
 
 
 def _raylet(node_manager_port: int) -> tuple[int, str]:
@@ -74,7 +80,7 @@ def cluster():
         _ray("start", f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--node-manager-port={worker_port}")
         yield f"127.0.0.1:{port}", worker_port
     finally:
-        subprocess.run([str(RAY), "stop", "--force"], env=_env(), capture_output=True, timeout=120)
+        subprocess.run([str(RAY), "stop", "--force"], env=_ray_env(), capture_output=True, timeout=120)
 
 
 def test_two_node_sweep_survives_a_killed_worker_node(tmp_path, cluster):
@@ -84,8 +90,8 @@ def test_two_node_sweep_survives_a_killed_worker_node(tmp_path, cluster):
     raylet, worker_node = _raylet(worker_port)
     proc = subprocess.Popen([sys.executable, "-m", "tunelab.cli", "sweep", str(spec_path), "--executor", "ray",
                              "--address", address, "--workers", "2", "--threads", "1"],
-                            env=_env(), start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+                            env=_ray_env(), start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
     try:
         # wait until the worker node has finished a run and is training its next one, then kill the whole node
         before = _wait_for(spec.store_path, lambda rs: any(r.status == "done" and r.metrics["node"] == worker_node

@@ -410,6 +410,9 @@ def test_fsdp_two_processes_match_one_process(tmp_path, method):
     if method == "full":  # the blocks are sharded; embeddings and the final norm stay replicated
         assert fsdp["optimizer_states"] < 0.8 * ddp["optimizer_states"]
     assert fsdp["optimizer_states"] <= ddp["optimizer_states"]
+    for name, nproc in (("one", 1), ("ddp", 2), ("fsdp", 2)):  # every rank's own peak, not rank 0's alone
+        ranks = meta[name]["distributed"]["peak_rss_mb_per_rank"]
+        assert len(ranks) == nproc and all(r > 50 for r in ranks) and len(set(ranks)) == nproc
 
 
 def test_fsdp_refuses_what_it_cannot_shard():

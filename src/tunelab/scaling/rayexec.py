@@ -35,7 +35,7 @@ def train_on_node(config: dict[str, Any], run_dir: str, threads: int) -> dict[st
     import ray
     import torch
 
-    from tunelab.scaling.runner import execute_run
+    from tunelab.scaling.execute import execute_run
 
     os.environ["OMP_NUM_THREADS"] = str(threads)
     torch.set_num_threads(threads)

@@ -53,7 +53,7 @@ from tunelab.train.batches import (
     skipped_rows_message,
     step_micro_batches,
 )
-from tunelab.train.dist import DistInfo, all_reduce_sum, barrier, init_distributed
+from tunelab.train.dist import DistInfo, all_reduce_sum, barrier, gather_value, init_distributed
 from tunelab.train.fused import use_fused_kernels
 from tunelab.train.memory import keep_freed_memory, set_mmap_threshold
 from tunelab.train.objective import mean_nll, nll_sum
@@ -171,6 +171,7 @@ class Trainer:
         self._model, self._tokenizer = model, tokenizer
         self.trackers: Any = None  # train.report_to (opened in run)
         self.final_state_bytes: dict[str, int] | None = None
+        self.rank_peak_rss_mb: list[float] | None = None  # each process's peak RSS during training
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -389,7 +390,8 @@ class Trainer:
         }
         if getattr(self, "final_state_bytes", None) is not None:  # rank 0's share, for DDP/FSDP memory comparisons
             meta["distributed"] = {"mode": self.cfg.train.distributed if self.info.enabled else "none",
-                                   "state_bytes_rank0": self.final_state_bytes}
+                                   "state_bytes_rank0": self.final_state_bytes,
+                                   "peak_rss_mb_per_rank": self.rank_peak_rss_mb}
         atomic_write_json(self.run_dir / META_FILE, meta)
 
     # -- one step --------------------------------------------------------------------------------------------
@@ -603,6 +605,7 @@ class Trainer:
 
     def _finish(self, eval_metrics: dict[str, float] | None) -> TrainResult:
         self.final_state_bytes = self.state_bytes()  # before the final gather
+        self.rank_peak_rss_mb = [round(v, 1) for v in gather_value(peak_rss_mb(), self.info)]
         if self.sharded:
             self._unshard()
             self.params = self.handle.trainable_parameters()
