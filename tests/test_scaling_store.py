@@ -147,6 +147,8 @@ def test_killed_worker_is_replaced_and_its_run_redone(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, out
     assert "1 worker(s) replaced" in out
+    lines = [x for x in out.splitlines() if x.startswith("[sweep] ")]  # one line per finished run in a log
+    assert len(lines) == 2 and all("test NLL" in x and "d_f=" in x for x in lines), out
     final = {r.key: r for r in Store(spec.store_path).rows()}
     assert final[victim.key].status == "done" and final[victim.key].attempts == 2
     assert json.loads(json.dumps(final[victim.key].metrics))["steps"] == 60

@@ -8,7 +8,6 @@ in fp32; in bf16 the matmul blocking can differ with the batch shape and flip ne
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,13 +30,10 @@ class Generation:
 
 
 def progress(batches: range, what: str) -> Any:
-    """A progress bar over batches (stderr; hidden for a single batch or when TUNELAB_PROGRESS=0)."""
-    import os
+    """A progress bar over batches (tunelab.progress: on a terminal only; hidden for a single batch)."""
+    from tunelab import progress as bars
 
-    from tqdm.auto import tqdm
-
-    quiet = os.environ.get("TUNELAB_PROGRESS", "1") == "0" or len(batches) <= 1
-    return tqdm(batches, desc=what, unit="batch", disable=quiet, leave=False, file=sys.stderr)
+    return bars.bar(batches, desc=what, unit="batch", enabled=len(batches) > 1, leave=False)
 
 
 def _left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -444,9 +444,11 @@ def bootstrap(points_by_method: dict[str, list[Point]], quantities: Callable[[di
               seed: int = 0, delta: float = 1e-3, heldout: bool = True) -> list[dict[str, float | None]]:
     """``quantities`` of each bootstrap replicate: every method's runs resampled, both laws refitted (warm-started
     at the point estimate)."""
+    from tunelab import progress
+
     rng = np.random.default_rng(seed)
     out = []
-    for _ in range(replicates):
+    for _ in progress.bar(range(replicates), desc="bootstrap", unit="fit", leave=False):
         fits: dict[str, dict[str, MethodFit]] = {}
         for method, points in points_by_method.items():
             sample = resample_runs(points, rng)

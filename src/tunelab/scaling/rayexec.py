@@ -64,8 +64,10 @@ def connect(address: str | None, local_cpus: int) -> bool:
     return True
 
 
-def sweep_ray(store_path: str, runs_dir: str, slots: int, threads: int, address: str | None = None) -> dict[str, Any]:
-    """Keep ``slots`` runs in flight on the cluster until none is pending; returns how the runs were spread."""
+def sweep_ray(store_path: str, runs_dir: str, slots: int, threads: int, address: str | None = None,
+              on_finish: Any = None) -> dict[str, Any]:
+    """Keep ``slots`` runs in flight on the cluster until none is pending; returns how the runs were spread.
+    ``on_finish()`` is called after each run is recorded (the sweep's progress)."""
     import ray
     from ray.exceptions import RayTaskError
 
@@ -98,6 +100,8 @@ def sweep_ray(store_path: str, runs_dir: str, slots: int, threads: int, address:
                 else:
                     store.commit(claim, metrics, seconds)
                     nodes[metrics["node"]] = nodes.get(metrics["node"], 0) + 1
+                if on_finish is not None:
+                    on_finish(force=True)
     finally:
         for _claim, beat, _ in inflight.values():  # interrupted: the claims go back to pending at the next sweep
             beat.__exit__(None, None, None)

@@ -96,6 +96,46 @@ def _execute_claim(store: Store, claim: Claim, run_dir: Path, threads: int) -> N
     store.commit(claim, metrics, time.perf_counter() - t0)
 
 
+class RunReporter:
+    """A sweep's progress over its runs: a bar on a terminal; elsewhere one line per run as it finishes
+    (tunelab.progress). ``poll`` reads the store at most every ``every`` seconds."""
+
+    def __init__(self, store: Store, every: float = 2.0) -> None:
+        from tunelab import progress
+
+        self.store, self.every, self.last = store, every, 0.0
+        rows = store.rows()
+        self.seen = {r.key for r in rows if r.status in ("done", "failed")}
+        self.bar = progress.bar(total=len(rows), initial=len(self.seen), desc="sweep", unit="run")
+
+    def poll(self, force: bool = False) -> None:
+        from tunelab import progress
+
+        if not force and time.monotonic() - self.last < self.every:
+            return
+        self.last = time.monotonic()
+        for r in self.store.rows():
+            if r.status in ("done", "failed") and r.key not in self.seen:
+                self.seen.add(r.key)
+                self.bar.update(1)
+                progress.summary(run_line(r))
+
+    def close(self) -> None:
+        self.poll(force=True)
+        self.bar.close()
+
+
+def run_line(r: Any) -> str:
+    """One line for a finished run: its factors, its metric or its error's last line, its time."""
+    factors = " ".join(f"{k}={v}" for k, v in r.factors.items() if k != "axes")
+    if r.status == "done":
+        nll = (r.metrics or {}).get("test_nll")
+        what = f"test NLL {nll:.4f}" if isinstance(nll, float) else "done"
+    else:
+        what = "FAILED: " + (r.error or "").strip().splitlines()[-1][:200] if r.error else "FAILED"
+    return f"[sweep] {r.key} {factors}: {what} ({r.seconds or 0:.0f} s, attempt {r.attempts})"
+
+
 @dataclass
 class SweepResult:
     counts: dict[str, int]
@@ -145,16 +185,22 @@ def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_f
     threads = threads or threads_per_worker(workers)
     runs_dir = str(Path(spec.output_dir) / "runs")
     nodes = None
-    if executor == "ray":
-        from tunelab.scaling.rayexec import sweep_ray
+    reporter = RunReporter(store)
+    try:
+        if executor == "ray":
+            from tunelab.scaling.rayexec import sweep_ray
 
-        replaced, nodes = 0, sweep_ray(str(store.path), runs_dir, workers, threads, address)["nodes"]
-    else:
-        replaced = _sweep_local(str(store.path), runs_dir, workers, threads, max_restarts)
+            spread = sweep_ray(str(store.path), runs_dir, workers, threads, address, on_finish=reporter.poll)
+            replaced, nodes = 0, spread["nodes"]
+        else:
+            replaced = _sweep_local(str(store.path), runs_dir, workers, threads, max_restarts, reporter.poll)
+    finally:
+        reporter.close()
     return SweepResult(store.counts(), time.perf_counter() - t0, workers, threads, replaced, nodes)
 
 
-def _sweep_local(store_path: str, runs_dir: str, workers: int, threads: int, max_restarts: int | None) -> int:
+def _sweep_local(store_path: str, runs_dir: str, workers: int, threads: int, max_restarts: int | None,
+                 on_poll: Any = None) -> int:
     ctx = mp.get_context("spawn")
     store = Store(store_path)
     budget = 3 * workers if max_restarts is None else max_restarts
@@ -162,6 +208,8 @@ def _sweep_local(store_path: str, runs_dir: str, workers: int, threads: int, max
     replaced = 0
     while procs:
         time.sleep(0.5)
+        if on_poll is not None:
+            on_poll()
         for p in [p for p in procs if not p.is_alive()]:
             p.join()
             procs.remove(p)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import math
 import resource
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -655,10 +654,9 @@ def _like(full: torch.Tensor, ref: Any) -> torch.Tensor:
 
 
 def _progress(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from tunelab import progress
 
-    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step",
-                dynamic_ncols=True, file=sys.stderr)
+    return progress.bar(total=total, initial=initial, enabled=enabled, desc="train", unit="step")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
