@@ -102,15 +102,42 @@ def test_a_folder_datasets_cannot_read_says_so(tmp_path):
         load_source(tmp_path / "notes", FIELDS)
 
 
-def test_training_reads_a_parquet_file(tmp_path):
+def test_csv_parquet_and_dataset_folders_train_the_same_as_the_jsonl(tmp_path):
+    """The same rows as JSONL, CSV, parquet, a save_to_disk folder and a hub-style folder: the same tokens, the same
+    loss curve and the same trained weights, bit for bit."""
+    import csv
+
+    import torch
+    from safetensors.torch import load_file
+
     from tunelab.config import load_config
     from tunelab.train.loop import train
 
-    path = tmp_path / "train.parquet"
-    pq.write_table(pa.Table.from_pylist(ROWS * 4), path)
-    cfg = load_config(None, ["model.name=tiny-llama", "method.name=lora", f"data.train={path}",
-                             "data.fields.instruction=question", "data.fields.input=context",
-                             "data.fields.output=answer", "train.max_steps=2", "train.batch_size=2",
-                             "train.progress=false", f"output_dir={tmp_path / 'run'}"])
-    result = train(cfg)
-    assert result.steps == 2 and result.tokens > 0
+    rows = [{"question": f"What is {i} + {i + 3}?", "context": "" if i % 2 else f"note {i}", "answer": str(2 * i + 3)}
+            for i in range(12)]
+    sources = {"jsonl": tmp_path / "train.jsonl", "csv": tmp_path / "train.csv",
+               "parquet": tmp_path / "train.parquet", "disk": tmp_path / "disk", "hub": tmp_path / "hub"}
+    sources["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open(sources["csv"], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    pq.write_table(pa.Table.from_pylist(rows), sources["parquet"])
+    datasets.Dataset.from_list(rows).save_to_disk(str(sources["disk"]))
+    (sources["hub"] / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), sources["hub"] / "data" / "train-00000-of-00001.parquet")
+    runs = {}
+    for name, path in sources.items():
+        cfg = load_config(None, ["model.name=tiny-llama", "method.name=lora", f"data.train={path}",
+                                 "data.fields.instruction=question", "data.fields.input=context",
+                                 "data.fields.output=answer", "train.max_steps=4", "train.batch_size=3",
+                                 "train.progress=false", f"output_dir={tmp_path / ('run-' + name)}"])
+        result = train(cfg)
+        curve = [json.loads(x)["loss"] for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(x)]
+        runs[name] = (result.tokens, curve, load_file(str(result.run_dir / "adapter.safetensors")))
+    tokens, curve, weights = runs["jsonl"]
+    assert tokens > 0 and len(curve) == 4
+    for name, (t, c, w) in runs.items():
+        assert (t, c) == (tokens, curve), name
+        assert w.keys() == weights.keys() and all(torch.equal(w[k], weights[k]) for k in w), name
