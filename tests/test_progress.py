@@ -50,3 +50,16 @@ def test_training_in_a_log_file_draws_no_bar(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "\r" not in out.stderr and "train:" not in out.stderr
     assert "steps 3" in out.stdout
+
+
+def test_a_sweep_line_names_the_run_its_factors_and_its_outcome():
+    from types import SimpleNamespace
+
+    from tunelab.scaling.runner import run_line
+
+    base = {"key": "k1", "factors": {"axes": ["d_f"], "method": "lora", "d_f": 64}, "seconds": 12.4, "attempts": 2}
+    done = run_line(SimpleNamespace(**base, status="done", metrics={"test_nll": 1.23456}, error=None))
+    assert done == "[sweep] k1 method=lora d_f=64: test NLL 1.2346 (12 s, attempt 2)"
+    failed = run_line(SimpleNamespace(**base, status="failed", metrics=None, error="Traceback\n  ...\nValueError: x\n"))
+    assert failed.endswith(": FAILED: ValueError: x (12 s, attempt 2)")
+    assert "FAILED:  (" in run_line(SimpleNamespace(**base, status="failed", metrics=None, error="  \n"))

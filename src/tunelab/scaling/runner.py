@@ -132,7 +132,7 @@ def run_line(r: Any) -> str:
         nll = (r.metrics or {}).get("test_nll")
         what = f"test NLL {nll:.4f}" if isinstance(nll, float) else "done"
     else:
-        what = "FAILED: " + (r.error or "").strip().splitlines()[-1][:200] if r.error else "FAILED"
+        what = "FAILED: " + (r.error.strip().splitlines() or [""])[-1][:200] if r.error else "FAILED"
     return f"[sweep] {r.key} {factors}: {what} ({r.seconds or 0:.0f} s, attempt {r.attempts})"
 
 
