@@ -67,7 +67,7 @@ def connect(address: str | None, local_cpus: int) -> bool:
 def sweep_ray(store_path: str, runs_dir: str, slots: int, threads: int, address: str | None = None,
               on_finish: Any = None) -> dict[str, Any]:
     """Keep ``slots`` runs in flight on the cluster until none is pending; returns how the runs were spread.
-    ``on_finish()`` is called after each run is recorded (the sweep's progress)."""
+    ``on_finish(force=True)`` is called after each run is recorded (the sweep's progress: RunReporter.poll)."""
     import ray
     from ray.exceptions import RayTaskError
 

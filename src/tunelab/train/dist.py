@@ -49,12 +49,9 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
 
 def gather_value(value: float, info: DistInfo) -> list[float]:
     """Every process's ``value``, in rank order, on every process (e.g. each rank's peak memory)."""
-    if not info.enabled:
-        return [value]
-    t = torch.zeros(info.world_size, dtype=torch.float64)
-    t[info.rank] = value
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    slots = [0.0] * info.world_size
+    slots[info.rank] = value
+    return all_reduce_sum(slots, info)
 
 
 def barrier(info: DistInfo) -> None:
