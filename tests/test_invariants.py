@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from tunelab.devices import available_devices, move_batch
 from tunelab.methods import REGISTRY, build_method_config, get_method
 from tunelab.methods.core import MethodError
 from tunelab.models import TINY_MODELS
@@ -221,7 +222,9 @@ ROWS = [
         mask_closed_form(0.05, lambda k: k in ("q_proj", "v_proj", "c_attn")), archs=NAMED_QV),
 ]
 
-CASES = [pytest.param(row, arch, id=f"{row.id}-{arch}") for row in ROWS for arch in row.archs]
+DEVICES = available_devices()  # the CPU always; CUDA too where torch sees a GPU (then ids end in "-cuda")
+CASES = [pytest.param(row, arch, dev, id=f"{row.id}-{arch}" + ("" if dev == "cpu" else f"-{dev}"))
+         for row in ROWS for arch in row.archs for dev in DEVICES]
 
 
 def test_every_registered_method_has_a_row():
@@ -248,11 +251,13 @@ def _apply(row: Row, model, cfg, state):
     return handle
 
 
-def _setup(row: Row, arch: str):
+def _setup(row: Row, arch: str, device: str = "cpu"):
+    """The row's method applied on ``device`` (the base quantized on the CPU first, as the trainer does)."""
     model, tok = tiny(arch)
-    batch = batch_for(tok)
+    batch = move_batch(batch_for(tok), torch.device(device))
     cfg = build_method_config({"name": row.method, **row.options})
     state = _quantize(row, model, cfg)  # the base of a quantized row is the quantized model
+    model.to(device)
     with torch.no_grad():
         base_logits = model(**batch).logits
     handle = _apply(row, model, cfg, state)
@@ -265,7 +270,7 @@ def _perturb(handle, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in handle.trainable_parameters().values():
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
+            p.add_(torch.randn(p.shape, generator=g).to(p.device) * 0.05)
 
 
 def _logits(model, batch):
@@ -273,18 +278,18 @@ def _logits(model, batch):
         return model(**batch).logits
 
 
-@pytest.mark.parametrize(("row", "arch"), CASES)
-def test_identity_at_init(row, arch):
-    model, _, batch, base_logits, _, _ = _setup(row, arch)
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_identity_at_init(row, arch, device):
+    model, _, batch, base_logits, _, _ = _setup(row, arch, device)
     if row.identity_at_init:
         torch.testing.assert_close(_logits(model, batch), base_logits, atol=row.atol, rtol=0)
     else:  # the row says the method changes the output at init: check that it really does
         assert not torch.allclose(_logits(model, batch), base_logits, atol=1e-4)
 
 
-@pytest.mark.parametrize(("row", "arch"), CASES)
-def test_merged_equals_unmerged(row, arch):
-    model, _, batch, _, handle, _ = _setup(row, arch)
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_merged_equals_unmerged(row, arch, device):
+    model, _, batch, _, handle, _ = _setup(row, arch, device)
     _perturb(handle)
     if not row.mergeable:
         assert not handle.supports_merge
@@ -301,9 +306,9 @@ def test_merged_equals_unmerged(row, arch):
     torch.testing.assert_close(_logits(plain, batch), adapted, atol=row.atol, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("row", "arch"), CASES)
-def test_disabled_equals_base(row, arch):
-    model, _, batch, base_logits, handle, _ = _setup(row, arch)
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_disabled_equals_base(row, arch, device):
+    model, _, batch, base_logits, handle, _ = _setup(row, arch, device)
     _perturb(handle)
     if not row.disable:
         assert row.disable_why
@@ -317,9 +322,9 @@ def test_disabled_equals_base(row, arch):
     torch.testing.assert_close(_logits(model, batch), base_logits, atol=row.atol, rtol=0)
 
 
-@pytest.mark.parametrize(("row", "arch"), CASES)
-def test_only_method_parameters_train(row, arch):
-    model, tok, batch, _, handle, _ = _setup(row, arch)
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_only_method_parameters_train(row, arch, device):
+    model, tok, batch, _, handle, _ = _setup(row, arch, device)
     model.train()
     _perturb(handle)
     trainable = handle.trainable_parameters()
@@ -339,23 +344,25 @@ def test_only_method_parameters_train(row, arch):
         assert changed == (n in trainable), f"{n}: changed={changed}, trainable={n in trainable}"
 
 
-@pytest.mark.parametrize(("row", "arch"), CASES)
-def test_save_load_round_trip(row, arch):
-    model, _, batch, _, handle, cfg = _setup(row, arch)
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_save_load_round_trip(row, arch, device):
+    model, _, batch, _, handle, cfg = _setup(row, arch, device)
     _perturb(handle, seed=3)
     expected = _logits(model, batch)
     blob = save({k: v.contiguous() for k, v in handle.state_dict().items()})
     fresh, _ = tiny(arch)
     cfg2 = copy.deepcopy(cfg)
-    handle2 = _apply(row, fresh, cfg2, _quantize(row, fresh, cfg2))
+    state2 = _quantize(row, fresh, cfg2)
+    fresh.to(device)
+    handle2 = _apply(row, fresh, cfg2, state2)
     fresh.eval()
     handle2.load_state_dict(load(blob))
     torch.testing.assert_close(_logits(fresh, batch), expected, atol=row.atol, rtol=0)
 
 
-@pytest.mark.parametrize(("row", "arch"), CASES)
-def test_parameter_count_closed_form(row, arch):
-    model, _, _, _, handle, cfg = _setup(row, arch)
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_parameter_count_closed_form(row, arch, device):
+    model, _, _, _, handle, cfg = _setup(row, arch, device)
     fresh, _ = tiny(arch)
     expected = row.closed_form(fresh)
     assert handle.num_trainable() == expected

@@ -305,7 +305,7 @@ def test_resolve_dtype_names() -> None:
 
 @pytest.mark.parametrize(("fast", "expected"), [(True, torch.bfloat16), (False, torch.float32)])
 def test_resolve_dtype_auto(monkeypatch: pytest.MonkeyPatch, fast: bool, expected: torch.dtype) -> None:
-    monkeypatch.setattr(dtype, "fast_bf16_available", lambda: fast)
+    monkeypatch.setattr(dtype, "fast_bf16_available", lambda device=None: fast)
     assert resolve_dtype("auto") is expected
     assert load_model("tiny-llama")[0].dtype is expected
 

@@ -70,6 +70,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--template", help="prompt template (default: the run's training template, else the task's)")
     e.add_argument("--dtype", default="fp32", help="fp32 (default: batch-invariant greedy decoding) or bf16")
+    e.add_argument("--device", default="auto",
+                   help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     e.add_argument("--out", help="output folder for per-example JSONL and summaries (default: RUN/eval or eval/)")
     e.add_argument("--allow-base-mismatch", action="store_true")
     e.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
@@ -178,6 +180,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"steps {result.steps}  train loss {result.train_loss:.4f}"
           + (f"  eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")
           + f"  tokens/s {result.tokens_per_s:.0f}  peak RSS {result.peak_rss_mb:.0f} MiB"
+          + (f"  peak {result.device} {result.peak_device_mb:.0f} MiB" if result.peak_device_mb is not None else "")
           + f"  trainable {result.trainable_params:,} ({100 * result.trainable_params / result.total_params:.3f}%)")
     return 0
 
@@ -228,7 +231,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     opts = EvalOptions(data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
                        template=args.template, out_dir=out, exclude=seen_questions(args.decontaminate))
     summaries = evaluate(args.target, args.task, opts, dtype=args.dtype, tasks_dirs=args.tasks_dir,
-                         allow_base_mismatch=args.allow_base_mismatch)
+                         allow_base_mismatch=args.allow_base_mismatch, device=args.device)
     for s in summaries:
         print(format_summary(s))
     print(f"per-example outputs and summaries in {out}/")

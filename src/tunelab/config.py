@@ -93,7 +93,8 @@ class TrainSection:
     max_grad_norm: float | None = 1.0
     seed: int = 42
     autocast: Literal["auto", "bf16", "off"] = "auto"
-    fp32_attention: bool = True  # under bf16 autocast, attention in fp32 (faster backward on CPU; tunelab.train.attention)
+    fp32_attention: bool = True  # under bf16 autocast on the CPU, attention in fp32 (faster backward there;
+    # tunelab.train.attention); on CUDA attention stays in bf16 (sdpa's flash kernel)
     fused_kernels: bool | Literal["auto"] = "auto"  # compiled RMSNorm + SwiGLU gate (tunelab.train.fused);
     # auto: on under bf16 autocast for models of width >= 256 (the compile, ~15 s once per process, pays back)
     keep_freed_memory: bool = True  # glibc keeps freed buffers up to 32 MiB for reuse (tunelab.train.memory): far
@@ -113,6 +114,9 @@ class TrainSection:
     # under torchrun: ddp (a full copy per process) or fsdp (FSDP2 fully_shard on the decoder blocks: parameters,
     # gradients and optimizer states sharded over the processes; checkpoints gathered to full tensors)
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    # where to train (tunelab.devices): auto (CUDA when torch sees a GPU — under torchrun the LOCAL_RANK-th — else
+    # the CPU), cpu, cuda or cuda:N. On CUDA, fp32_attention and auto fused kernels (CPU measures) stay off
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         from tunelab.train.tracking import check_names

@@ -77,11 +77,13 @@ def generate_ids(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
     eos_ids = _eos_ids(model, tokenizer)
     order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     results: list[Generation | None] = [None] * len(prompt_ids)
+    device = next(model.parameters()).device
     extra = {"stop_strings": list(settings.stop), "tokenizer": tokenizer} if settings.stop else {}
     try:
         for start in progress(range(0, len(order), settings.batch_size), "generate"):
             idx = order[start: start + settings.batch_size]
             ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_id)
+            ids, mask = ids.to(device), mask.to(device)
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
                                  do_sample=False, num_beams=settings.num_beams, pad_token_id=pad_id, **extra)
             for i, row in zip(idx, out[:, ids.shape[1]:], strict=True):

@@ -113,14 +113,16 @@ def run_loss(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: 
              template: str) -> tuple[list[dict], dict]:
     """Per-token NLL of the gold responses (the quantity the training loop and the scaling lab use)."""
     from tunelab.data import collate
+    from tunelab.devices import move_batch
     from tunelab.train.objective import mean_nll, nll_sum
 
     examples, _ = tokenize_records(records, tok, template=template, max_length=4096)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     model.eval()
+    device = next(model.parameters()).device
     rows = []
     for i, ex in enumerate(examples):
-        s, n = nll_sum(model, collate([ex], pad))
+        s, n = nll_sum(model, move_batch(collate([ex], pad), device))
         rows.append({"i": i, "line": ex.line, "nll_sum": float(s), "n_targets": n})
     total, count = sum(r["nll_sum"] for r in rows), sum(r["n_targets"] for r in rows)
     loss = mean_nll(total, count)
@@ -161,12 +163,18 @@ def load_target(target: str, dtype: str = "fp32", allow_base_mismatch: bool = Fa
 
 def evaluate(target: str, task_names: Sequence[str], opts: EvalOptions, *, dtype: str = "fp32",
              tasks_dirs: Sequence[str] = (), allow_base_mismatch: bool = False, model: Any = None,
-             tokenizer: Any = None, default_template: str | None = None) -> list[dict[str, Any]]:
-    """Evaluate a run directory or a model on several tasks; returns the task summaries."""
+             tokenizer: Any = None, default_template: str | None = None, device: str = "auto") -> list[dict[str, Any]]:
+    """Evaluate a run directory or a model on several tasks; returns the task summaries. ``device`` (auto, cpu,
+    cuda, cuda:N; tunelab.devices) is where a model loaded here runs; a ``model`` passed in stays where it is."""
     tasks = discover_tasks(tuple(tasks_dirs))
     specs = [get_task(n, tasks) for n in task_names]
     if model is None:
         model, tokenizer, default_template, _ = load_target(target, dtype, allow_base_mismatch)
+        from tunelab.devices import resolve_device
+
+        where = resolve_device(device, where="--device")
+        if where.type != "cpu":
+            model.to(where)
     summaries = [evaluate_task(model, tokenizer, spec, opts, default_template) for spec in specs]
     if opts.out_dir:
         atomic_write_json(Path(opts.out_dir) / "summary.json", {"target": target, "tasks": summaries})

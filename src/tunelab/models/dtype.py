@@ -20,24 +20,26 @@ _DTYPES: dict[str, torch.dtype] = {
 }
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """Map a dtype name to a torch dtype; ``auto`` is bfloat16 where bf16 maths is fast, else float32.
+def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.dtype:
+    """Map a dtype name to a torch dtype; ``auto`` is bfloat16 where bf16 maths is fast on ``device``, else float32.
 
-    bf16 counts as fast on a CUDA device that supports it, or on a CPU with AMX or AVX512-BF16 units.
+    bf16 counts as fast on a CUDA device that supports it, or on a CPU with AMX or AVX512-BF16 units. Without a
+    ``device``: on this machine's CUDA device when there is one, else on its CPU.
     """
     if isinstance(name, torch.dtype) and name in _DTYPES.values():
         return name
     key = str(name).strip().lower()
     if key == "auto":
-        return torch.bfloat16 if fast_bf16_available() else torch.float32
+        return torch.bfloat16 if fast_bf16_available(device) else torch.float32
     if key not in _DTYPES:
         raise ModelError(f"unknown dtype {name!r}; use one of: auto, {', '.join(_DTYPES)}.")
     return _DTYPES[key]
 
 
-def fast_bf16_available() -> bool:
-    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        return True
+def fast_bf16_available(device: torch.device | str | None = None) -> bool:
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return cpu_has_fast_bf16()
 
 

@@ -1,4 +1,7 @@
-"""Distributed set-up for ``torchrun``: gloo on the CPU, nccl when CUDA is present. One process = no-op."""
+"""Distributed set-up for ``torchrun``: gloo on the CPU, nccl when the processes train on CUDA. One process = no-op.
+
+The small collectives here (loss sums, token counts, peak memory) put their tensor on the backend's device: nccl
+reduces CUDA tensors only."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: str = "cpu"  # where this process's collectives put their tensors (cuda:LOCAL_RANK under nccl)
 
     @property
     def is_main(self) -> bool:
@@ -24,27 +28,30 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK, ...)."""
+def init_distributed(device: torch.device | None = None) -> DistInfo:
+    """Join the process group that torchrun describes in the environment (WORLD_SIZE, RANK, ...): nccl when
+    ``device`` (this process's training device, tunelab.devices.resolve_device) is CUDA, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = device or torch.device("cpu")
     if world <= 1:
-        return DistInfo()
+        return DistInfo(device=str(device))
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
-    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local)
+    return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local,
+                    device=str(device) if cuda else "cpu")
 
 
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     """Sum a few numbers over all processes (used for losses and token counts)."""
     if not info.enabled:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.tolist()
+    return t.cpu().tolist()
 
 
 def gather_value(value: float, info: DistInfo) -> list[float]:

@@ -28,6 +28,7 @@ from torch import nn
 
 import tunelab
 from tunelab.config import RunConfig, dump_config
+from tunelab.devices import move_batch, peak_device_memory_mb, reset_peak_memory, resolve_device
 from tunelab.errors import RunError
 from tunelab.errors import TrainingDiverged as TrainingDiverged
 from tunelab.files import (
@@ -72,6 +73,8 @@ class TrainResult:
     peak_rss_mb: float
     trainable_params: int
     total_params: int
+    device: str = "cpu"
+    peak_device_mb: float | None = None  # CUDA: the allocator's peak on the device (None on the CPU)
 
 
 class LossModule(nn.Module):
@@ -151,7 +154,7 @@ def compile_blocks(model: nn.Module) -> int:
 def config_hash(cfg: RunConfig) -> str:
     """Fingerprint of everything that decides the trained weights (the progress bar setting does not)."""
     data = cfg.to_dict()
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "threads", "log_every", "compile")}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "threads", "log_every", "compile", "device")}
     return hashlib.blake2b(repr(data).encode(), digest_size=8).hexdigest()
 
 
@@ -164,7 +167,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, *, resume: bool = False, model: Any = None, tokenizer: Any = None) -> None:
         self.cfg = cfg
         self.resume = resume
-        self.info: DistInfo = init_distributed()
+        self.device = resolve_device(cfg.train.device)  # the CPU, or a CUDA device (tunelab.devices)
+        self.info: DistInfo = init_distributed(self.device)
         self.run_dir = cfg.resolved_output_dir()
         self.ckpt_root = self.run_dir / "checkpoints"
         self._model, self._tokenizer = model, tokenizer
@@ -219,13 +223,15 @@ class Trainer:
         if self.quant is not None:
             self.quant.init_adapters(self.handle, self.method)  # LoftQ's factors (QLoRA starts from zero)
         self.handle.upcast_trainable()
-        self.base_dtype = resolve_dtype(self.cfg.model.dtype)  # the compute dtype: bf16 turns autocast on (auto)
+        self.base_dtype = resolve_dtype(self.cfg.model.dtype, self.device)  # compute dtype: bf16 turns autocast on
         cast_frozen(self.model, self.base_dtype)
+        if self.device.type != "cpu":  # prepared on the CPU (quantization, LoftQ's SVDs), trained on the device
+            self.model.to(self.device)
+            reset_peak_memory(self.device)
         self.params = self.handle.trainable_parameters()
         self.num_trainable = self.handle.num_trainable()  # what is trained (the saved form may be folded smaller)
         if not self.params:
             raise RunError(f"method '{self.handle.name}' left no trainable parameters")
-        self.device = next(iter(self.params.values())).device
 
     def _setup_plan(self) -> None:
         t = self.cfg.train
@@ -241,20 +247,23 @@ class Trainer:
         """fp32 attention under autocast, compiled blocks or fused kernels, and the (DDP-wrapped) loss module."""
         t = self.cfg.train
         autocast = autocast_enabled(t.autocast, self.base_dtype)
+        on_cpu = self.device.type == "cpu"  # fp32 attention and auto fused kernels were measured on CPUs only
         self._restore_attention = lambda: None
-        if t.fp32_attention and autocast:
+        if t.fp32_attention and autocast and on_cpu:
             compiled = fused_kernels_wanted(t.compiled_attention, True, self.model) and not t.compile
             self._restore_attention = use_fp32_attention(self.model, compiled=compiled)
         self._restore_fused = lambda: None
         if t.compile:
             compile_blocks(self.model)
-        elif fused_kernels_wanted(t.fused_kernels, autocast, self.model):
+        elif (on_cpu or t.fused_kernels is True) and fused_kernels_wanted(t.fused_kernels, autocast, self.model):
             self._restore_fused = use_fused_kernels(self.model)
         self.forward = LossModule(self.model)
         if self.info.enabled and t.distributed == "fsdp":
             self._shard()
         elif self.info.enabled:
-            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, find_unused_parameters=False)
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.forward = torch.nn.parallel.DistributedDataParallel(self.forward, device_ids=ids,
+                                                                     find_unused_parameters=False)
 
     @property
     def sharded(self) -> bool:
@@ -401,6 +410,7 @@ class Trainer:
         total, tokens = 0.0, 0
         for i, g in enumerate(ids):
             batch, n_tok = self.plan.micro_batch(g)
+            batch = move_batch(batch, self.device)
             tokens += n_tok
             sync = i == len(ids) - 1 or not info.enabled
             with self._no_sync(sync), self.autocast:
@@ -443,7 +453,7 @@ class Trainer:
         grads = [p.grad for p in params if p.grad is not None]
         shard_sq = sum((g.to_local().float() ** 2).sum() for g in grads if hasattr(g, "to_local"))
         repl_sq = sum((g.float() ** 2).sum() for g in grads if not hasattr(g, "to_local"))
-        shard_sq = torch.as_tensor(shard_sq, dtype=torch.float64)
+        shard_sq = torch.as_tensor(shard_sq, dtype=torch.float64, device=self.info.device)
         dist.all_reduce(shard_sq)
         total = float(torch.sqrt(shard_sq + float(repl_sq)))
         if max_norm and max_norm > 0 and total > max_norm:
@@ -483,7 +493,7 @@ class Trainer:
         rounds = -(-len(batches) // self.info.world_size)  # FSDP: every process runs the same number of forwards
         for k in range(rounds if self.sharded else len(shards)):
             idx = shards[k] if k < len(shards) else batches[0]
-            batch = collate([self.data.eval[i] for i in idx], self.pad_id)
+            batch = move_batch(collate([self.data.eval[i] for i in idx], self.pad_id), self.device)
             with self.autocast:
                 s, n = nll_sum(self.model, batch)
             if k < len(shards):
@@ -615,11 +625,12 @@ class Trainer:
             eval_loss=eval_metrics["eval_loss"] if eval_metrics else None, tokens=int(c["tokens"]),
             target_tokens=int(c["target_tokens"]), seconds=c["seconds"],
             tokens_per_s=c["tokens"] / c["seconds"] if c["seconds"] else 0.0, peak_rss_mb=peak_rss_mb(),
+            device=str(self.device), peak_device_mb=peak_device_memory_mb(self.device),
             trainable_params=self.num_trainable, total_params=self.total_params,
         )
         if self.info.is_main:
             atomic_write_bytes(self.run_dir / ADAPTER_FILE, st_save(
-                {k: v.contiguous() for k, v in self.handle.inference_state_dict().items()},
+                {k: v.detach().cpu().contiguous() for k, v in self.handle.inference_state_dict().items()},
                 metadata={"method": self.handle.name, "format": "tunelab"}))
             quant_base.save_run_quantization(self.quant, self.run_dir)
             for fmt in self.method.CAPABILITIES.exports:  # peer formats (peft), loadable by that library
