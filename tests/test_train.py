@@ -273,7 +273,7 @@ def test_bf16_run_loads_in_fp32_and_full_tuning_starts_from_fp32_weights(tmp_pat
 
 
 def test_adamw_is_fused_where_it_can_be_and_gives_foreachs_update():
-    from tunelab.train.loop import adamw
+    from tunelab.train.optimizers import adamw
 
     torch.manual_seed(0)
     params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
@@ -292,7 +292,7 @@ def test_adamw_is_fused_where_it_can_be_and_gives_foreachs_update():
 
 
 def test_adamw_falls_back_to_foreach_where_fused_is_refused(monkeypatch):
-    from tunelab.train import loop
+    from tunelab.train import optimizers
 
     real = torch.optim.AdamW
 
@@ -302,7 +302,7 @@ def test_adamw_falls_back_to_foreach_where_fused_is_refused(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(torch.optim, "AdamW", no_fused)
-    opt = loop.adamw([{"params": [torch.zeros(2, requires_grad=True)]}], lr=1e-3)
+    opt = optimizers.adamw([{"params": [torch.zeros(2, requires_grad=True)]}], lr=1e-3)
     assert opt.defaults["foreach"] and not opt.defaults["fused"]
 
 

@@ -117,11 +117,16 @@ class TrainSection:
     # where to train (tunelab.devices): auto (CUDA when torch sees a GPU — under torchrun the LOCAL_RANK-th — else
     # the CPU), cpu, cuda or cuda:N. On CUDA, fp32_attention and auto fused kernels (CPU measures) stay off
     device: str = "auto"
+    # adamw (fp32 states), adamw-8bit or adamw-4bit (torchao's quantized states: ~4x / ~8x smaller; needs torchao;
+    # tunelab.train.optimizers)
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
+        from tunelab.train.optimizers import check_name
         from tunelab.train.tracking import check_names
 
         check_names(self.report_to)
+        check_name(self.optimizer)
         for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be at least 1, got {getattr(self, name)}")

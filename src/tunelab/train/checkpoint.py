@@ -27,6 +27,7 @@ import torch
 
 from tunelab.errors import RunError
 from tunelab.files import atomic_save_tensors, atomic_write_json, load_tensors, warn
+from tunelab.train.optimizers import flatten_state, is_subclass_state, plain_number, unflatten_state
 
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -43,24 +44,43 @@ class TrainingState:
     counters: dict[str, Any]
 
 
-def _optimizer_to_flat(opt_state: dict[str, Any], names: list[str]) -> tuple[dict[str, torch.Tensor], list]:
-    tensors = {}
+def _optimizer_to_flat(opt_state: dict[str, Any], names: list[str]
+                       ) -> tuple[dict[str, torch.Tensor], list, dict[str, Any]]:
+    """Plain tensors per ``opt/PARAM/FIELD``, the param groups, and the specs of quantized (tensor-subclass)
+    states, whose inner tensors are stored as ``opt/PARAM/FIELD#INNER`` (tunelab.train.optimizers)."""
+    tensors, subclasses = {}, {}
     for idx, per_param in opt_state["state"].items():
         for key, value in per_param.items():
             t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"opt/{names[idx]}/{key}"] = t
-    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt_state["param_groups"]]
-    return tensors, groups
+            flat = f"opt/{names[idx]}/{key}"
+            if is_subclass_state(t):
+                parts, subclasses[flat] = flatten_state(flat, t)
+                tensors.update(parts)
+            else:
+                tensors[flat] = t
+    groups = [{k: (list(v) if isinstance(v, tuple) else plain_number(v)) for k, v in g.items()}
+              for g in opt_state["param_groups"]]
+    return tensors, groups, subclasses
 
 
-def _optimizer_from_flat(tensors: dict[str, torch.Tensor], groups: list, names: list[str]) -> dict[str, Any]:
+def _optimizer_from_flat(tensors: dict[str, torch.Tensor], groups: list, names: list[str],
+                         subclasses: dict[str, Any] | None = None, where: str = "optimizer.safetensors"
+                         ) -> dict[str, Any]:
     index = {n: i for i, n in enumerate(names)}
     state: dict[int, dict[str, torch.Tensor]] = {}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, t in tensors.items():
         if not key.startswith("opt/"):
             continue
+        flat, _, inner = key.partition("#")
+        if inner:
+            parts.setdefault(flat, {})[inner] = t
+            continue
         name, _, field = key[4:].rpartition("/")
         state.setdefault(index[name], {})[field] = t
+    for flat, spec in (subclasses or {}).items():
+        name, _, field = flat[4:].rpartition("/")
+        state.setdefault(index[name], {})[field] = unflatten_state(parts.get(flat, {}), spec, f"{where}: {flat}")
     for g in groups:
         if isinstance(g.get("betas"), list):
             g["betas"] = tuple(g["betas"])
@@ -87,12 +107,13 @@ def save_checkpoint(ckpt_root: Path, state: TrainingState, param_names: list[str
     final = ckpt_root / f"step-{state.step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=ckpt_root))
     try:
-        opt_tensors, groups = _optimizer_to_flat(state.optimizer, param_names)
+        opt_tensors, groups, subclasses = _optimizer_to_flat(state.optimizer, param_names)
         atomic_save_tensors(tmp / "trainable.safetensors", state.trainable)
         atomic_save_tensors(tmp / "optimizer.safetensors", {**opt_tensors, **state.rng})
         atomic_write_json(tmp / "state.json", {
-            "step": state.step, "scheduler": state.scheduler, "param_groups": groups,
+            "step": state.step, "scheduler": plain_number(state.scheduler), "param_groups": groups,
             "param_names": param_names, "counters": state.counters,
+            **({"state_subclasses": subclasses} if subclasses else {}),
         })
         if final.exists():
             shutil.rmtree(final)
@@ -133,7 +154,8 @@ def load_checkpoint(path: Path) -> TrainingState:
         names = meta["param_names"]
         return TrainingState(
             step=int(meta["step"]), trainable=trainable,
-            optimizer=_optimizer_from_flat(opt_and_rng, meta["param_groups"], names),
+            optimizer=_optimizer_from_flat(opt_and_rng, meta["param_groups"], names, meta.get("state_subclasses"),
+                                           str(path / "optimizer.safetensors")),
             scheduler=meta["scheduler"],
             rng={k: v for k, v in opt_and_rng.items() if k.startswith("rng/")},
             counters=meta["counters"] | {"param_names": names},
