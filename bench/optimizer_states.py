@@ -35,7 +35,7 @@ def run_config(name: str, workdir: Path, args: argparse.Namespace, repeat: int) 
     run_dir = workdir / f"{name}-{repeat}"
     real = args.data is not None
     data = ({"train": str(args.data), "eval": str(args.eval), "format": "mawps", "template": "alpaca",
-             "max_length": 256, "eval_max_examples": 64} if real else
+             "max_length": 256, "eval_max_examples": 64, "skip_bad_rows": True} if real else
             {"train": str(workdir / "records.jsonl"), "template": "plain", "max_length": h.SEQ_LEN,
              "group_by_length": False, "eval_fraction": 0.1})
     cfg = {"model": {"name": h.MODEL, "dtype": "auto"}, "method": {"name": "full"}, "data": data,
