@@ -24,7 +24,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -115,22 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
     env = {**h.environment(h.REPO), "load_average_before": h.load_average()}
-    t0 = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    with tempfile.TemporaryDirectory(prefix="tunelab-bench-dist-") as tmp:
-        prep = h.run_child_process(__file__, ["--worker", "prepare", "--workdir", tmp, "--steps", str(args.steps)],
-                                   timeout=args.timeout)
-        if prep["status"] != "ok":
-            raise SystemExit(f"data preparation failed: {prep}")
-        for repeat in range(args.repeats):
-            for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate the order
-                idle = h.wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
-                h.log(f"{name} (repeat {repeat + 1}/{args.repeats}; idle check {idle})")
-                res = run_config(name, Path(tmp), args.steps, args.warmup, args.timeout, repeat)
-                res["idle_wait"] = idle
-                runs[name].append(res)
+    runs, prep, wall = h.interleaved_runs(__file__, args, names,
+                                          lambda name, workdir, repeat: run_config(name, workdir, args.steps, args.warmup, args.timeout, repeat))
     configs = {n: summarise(r) for n, r in runs.items()}
-    env.update(load_average_after=h.load_average(), bench_wall_s=round(time.perf_counter() - t0, 1))
+    env.update(load_average_after=h.load_average(), bench_wall_s=round(wall, 1))
     result = h.rounded({
         "benchmark": "distributed",
         "settings": {"model": h.MODEL, "global_batch": h.BATCH, "seq_len": h.SEQ_LEN, "steps": args.steps,

@@ -278,6 +278,29 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------------- the workload
 
 
+def interleaved_runs(script: str | Path, args: Any, names: Sequence[str],
+                     run_one: Any) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any], float]:
+    """Prepare the shared data in a child (``--worker prepare``), then run every configuration ``args.repeats``
+    times, the order rotated each repeat, each after waiting up to ``args.wait_idle`` s for the machine to be
+    idle. ``run_one(name, workdir, repeat)`` returns one run's dict. Returns (runs per name, the preparation's
+    result, wall seconds)."""
+    t0 = time.perf_counter()
+    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
+    with tempfile.TemporaryDirectory(prefix="tunelab-bench-") as tmp:
+        prep = run_child_process(script, ["--worker", "prepare", "--workdir", tmp, "--steps", str(args.steps)],
+                                 timeout=args.timeout)
+        if prep["status"] != "ok":
+            raise SystemExit(f"data preparation failed: {prep}")
+        for repeat in range(args.repeats):
+            for name in list(names[repeat % len(names):]) + list(names[:repeat % len(names)]):
+                idle = wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
+                log(f"{name} (repeat {repeat + 1}/{args.repeats}; idle check {idle})")
+                res = run_one(name, Path(tmp), repeat)
+                res["idle_wait"] = idle
+                runs[name].append(res)
+    return runs, prep, time.perf_counter() - t0
+
+
 def worker_prepare(workdir: Path, steps: int) -> dict[str, Any]:
     """Write the shared data (JSONL records for tunelab, token ids for the peer loops); describe the model."""
     import dataclasses

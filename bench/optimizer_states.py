@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -104,22 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         args.data, args.eval = SHARED / "trainset.json", SHARED / "validset.json"
     names = [n for n in OPTIMIZERS if not args.only or n in args.only.split(",")]
     env = {**h.environment(h.REPO), "load_average_before": h.load_average()}
-    t0 = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names}
-    with tempfile.TemporaryDirectory(prefix="tunelab-bench-optim-") as tmp:
-        prep = h.run_child_process(__file__, ["--worker", "prepare", "--workdir", tmp, "--steps", str(args.steps)],
-                                   timeout=args.timeout)
-        if prep["status"] != "ok":
-            raise SystemExit(f"data preparation failed: {prep}")
-        for repeat in range(args.repeats):
-            for name in names[repeat % len(names):] + names[:repeat % len(names)]:  # rotate the order
-                idle = h.wait_for_idle(args.wait_idle) if args.wait_idle > 0 else None
-                h.log(f"{name} (repeat {repeat + 1}/{args.repeats}; idle check {idle})")
-                res = run_config(name, Path(tmp), args, repeat)
-                res["idle_wait"] = idle
-                runs[name].append(res)
+    runs, prep, wall = h.interleaved_runs(__file__, args, names,
+                                          lambda name, workdir, repeat: run_config(name, workdir, args, repeat))
     configs = {n: summarise(r) for n, r in runs.items()}
-    env.update(load_average_after=h.load_average(), bench_wall_s=round(time.perf_counter() - t0, 1))
+    env.update(load_average_after=h.load_average(), bench_wall_s=round(wall, 1))
     result = h.rounded({
         "benchmark": "optimizer-states",
         "settings": {"model": h.MODEL, "method": "full", "batch": h.BATCH, "steps": args.steps, "lr": LR,
