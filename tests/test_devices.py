@@ -48,6 +48,8 @@ def test_auto_takes_the_local_ranks_gpu(monkeypatch):
     assert resolve_device("cuda:0") == torch.device("cuda", 0)  # an explicit index wins
     assert resolve_device("cpu") == torch.device("cpu")  # the CPU can be chosen beside a GPU
     assert devices.available_devices() == ["cpu", "cuda"]
+    with pytest.raises(RunError, match=r"this machine has 2 CUDA device"):  # more processes than GPUs: no sharing
+        resolve_device("auto", local_rank=2)
 
 
 def test_refusals_name_the_key_and_what_works(monkeypatch):

@@ -31,8 +31,9 @@ def resolve_device(setting: str | torch.device = "auto", local_rank: int | None 
     key = str(setting).strip().lower()
     rank = int(os.environ.get("LOCAL_RANK", "0")) if local_rank is None else local_rank
     if key == "auto":
-        return torch.device("cuda", rank % torch.cuda.device_count()) if torch.cuda.is_available() else \
-            torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        key = "cuda"  # this process's GPU, with the same check that it exists
     try:
         device = torch.device(key)
     except (RuntimeError, ValueError):
