@@ -168,6 +168,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tunelab.config import load_config
+    from tunelab.train.dist import shutdown
     from tunelab.train.loop import train
 
     overrides = list(args.overrides) + (["data.skip_bad_rows=true"] if args.skip_bad_rows else [])
@@ -175,7 +176,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.check:
         print(f"{args.config or 'config'}: OK (method {cfg.method_name()})")
         return 0
-    result = train(cfg, resume=args.resume)
+    try:
+        result = train(cfg, resume=args.resume)
+    finally:
+        shutdown()
     print(f"run saved to {result.run_dir}")
     print(f"steps {result.steps}  train loss {result.train_loss:.4f}"
           + (f"  eval loss {result.eval_loss:.4f}" if result.eval_loss is not None else "")

@@ -66,6 +66,9 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def shutdown(info: DistInfo) -> None:
-    if info.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group, if this process joined one. Called once a command's distributed work is over: a
+    process that exits with a live gloo group can abort in its C++ teardown ("terminate called without an active
+    exception", SIGABRT), which torchrun reports as a failed run although every step and file was written."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
