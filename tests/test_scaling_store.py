@@ -41,6 +41,38 @@ def test_claim_commit_fail_and_order(tmp_path):
     assert store.reset_failed() == 1 and store.counts()["pending"] == 3
 
 
+def test_runs_outside_the_current_grid_are_retired_not_deleted(tmp_path):
+    store = _store(tmp_path, 4)
+    a = store.claim()
+    store.commit(a, {"test_nll": 1.0}, 1.0)  # k0 done under the first grid
+    assert store.retired_count() == 0 and len(store.rows()) == 4  # no grid set: every row is current
+    store.set_grid(["k1", "k3"])  # a changed spec: k0 (done) and k2 (pending) are no longer in it
+    assert [r.key for r in store.rows()] == ["k1", "k3"] and store.retired_count() == 2
+    assert store.counts() == {"pending": 2, "running": 0, "done": 0, "failed": 0}
+    assert {r.key for r in store.rows(retired=True)} == {"k0", "k1", "k2", "k3"}  # nothing lost
+    assert [store.claim().key, store.claim().key, store.claim()] == ["k1", "k3", None]  # k2 is never claimed
+    store.set_grid(["k0", "k1", "k3"])  # back in the grid: its finished result counts again, not rerun
+    assert store.rows("done")[0].key == "k0" and store.rows("done")[0].metrics == {"test_nll": 1.0}
+
+
+def test_a_changed_budget_retires_the_old_runs_of_a_study(tmp_path):
+    """Raising max_steps changes the runs whose step count it clamps (new keys); those keep their old results in
+    the file but leave the fit, and the unchanged runs are reused."""
+    from tunelab.scaling.runner import prepare
+
+    first = prepare(load_spec(_tiny_spec(tmp_path, d_f=(8, 64), steps=4)))
+    for claim in iter(first.claim, None):
+        first.commit(claim, {"test_nll": 2.0}, 1.0)
+    path = _tiny_spec(tmp_path, d_f=(8, 64), steps=4)
+    data = yaml.safe_load(path.read_text())
+    data["budget"] = {"epochs": 1, "min_steps": 4, "max_steps": 12, "batch_size": 4}  # 64 examples: 4 -> 12 steps
+    path.write_text(yaml.safe_dump(data))
+    second = prepare(load_spec(path))
+    assert second.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0} and second.retired_count() == 1
+    assert second.rows("done")[0].factors["d_f"] == 8
+    assert second.rows("pending")[0].config["train"]["max_steps"] == 12
+
+
 def test_dead_worker_claim_is_recovered_and_its_late_commit_refused(tmp_path):
     store = _store(tmp_path, 1)
     code = ("import sys; from tunelab.scaling.store import Store; "

@@ -79,7 +79,7 @@ SCALES: dict[str, ToyLab] = {
     "full": ToyLab(sizes=["xs", "s", "m", "l"], documents=60000, pretrain_steps=4400, pretrain_batch=16,
                    pretrain_model="l", pet_model="l", checkpoints=[0.125, 0.25, 0.5, 1.0],
                    d_f=[10, 30, 100, 300, 1000, 3200], seeds=[0, 1], task_train=3200,
-                   budget={"epochs": 5, "min_steps": 30, "max_steps": 300, "batch_size": 16},
+                   budget={"epochs": 5, "min_steps": 30, "max_steps": 1000, "batch_size": 16},
                    pretrain_lr={"xs": 2e-2, "s": 1.5e-2, "m": 1e-2, "l": 7e-3},
                    world=WorldConfig(nouns=120, verbs=40, adjectives=20, parallel_share=0.3)),
     "mini": ToyLab(sizes=["xs", "s", "m"], documents=600, pretrain_steps=24, pretrain_batch=8, pretrain_model="s",

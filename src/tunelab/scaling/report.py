@@ -62,7 +62,9 @@ def render_markdown(study: StudyFit, store: Store, plots: list[Path], fit_second
     lines = [f"# Scaling-law report: {spec.get('name', store.path.parent.name)}", "",
              f"Runs: {counts['done']} done, {counts['failed']} failed, {counts['pending']} pending, "
              f"{counts['running']} running; run time {wall / 60:.1f} worker-minutes. Fits and "
-             f"{study.replicates} bootstrap replicates: {fit_seconds:.0f} s.", "",
+             f"{study.replicates} bootstrap replicates: {fit_seconds:.0f} s."
+             + (f" {retired} run(s) of an earlier version of the spec (not in its current grid) are kept in the "
+                "store and not fitted." if (retired := store.retired_count()) else ""), "",
              "L is the test NLL per target token; X is the non-embedding parameter count (model axis), pretraining "
              "tokens (pretraining axis) or the PET size; D_f is the number of fine-tuning examples. Laws: "
              "multiplicative L̂ = A·X̃^−α·D̃^−β + E and additive L̂ = A·X̃^−α + B·D̃^−β + E (inputs normalised "

@@ -151,6 +151,7 @@ def prepare(spec: SweepSpec, retry_failed: bool = False) -> Store:
     store = Store(spec.store_path)
     runs = expand(spec)
     store.add_runs([(r.key, r.config, r.factors) for r in runs])
+    store.set_grid([r.key for r in runs])  # runs an earlier spec had and this one lacks are retired, not fitted
     store.set_info("spec", _spec_dict(spec))
     if retry_failed:
         store.reset_failed()

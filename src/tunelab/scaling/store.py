@@ -7,6 +7,12 @@ recovered (back to ``pending``) by the next claim: on this host when its process
 against the process start time so a reused pid does not fool it), on any host when its heartbeat is older than
 ``stale_after`` seconds. A commit only lands if the committing worker still holds the claim, so a run recovered
 from a worker that was merely slow is never recorded twice. Finished runs are never claimed again.
+
+The *grid* (``set_grid``) is the set of keys the study's current spec expands to. Once a sweep has set it, runs that
+an earlier version of the spec added and the current one no longer has (a changed budget, a dropped D_f) stay in
+the file — nothing is deleted — but are *retired*: never claimed, not returned by ``rows()`` (so never fitted or
+advised from) and counted apart (``retired_count``). A store without a grid (a suite's, or one written before grids)
+treats every row as current.
 """
 
 from __future__ import annotations
@@ -50,7 +56,11 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_status ON runs (status, seq);
 CREATE TABLE IF NOT EXISTS study (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS grid (key TEXT PRIMARY KEY);
 """
+
+# rows of the current grid: every row while no grid is set (the study table has no 'grid' entry)
+IN_GRID = ("(NOT EXISTS (SELECT 1 FROM study WHERE name = 'grid') OR key IN (SELECT key FROM grid))")
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,18 @@ class Store:
             after = db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
         return after - before
 
+    def set_grid(self, keys: list[str]) -> None:
+        """Make ``keys`` the current grid (one transaction); rows outside it are retired, not deleted."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM grid")
+            db.executemany("INSERT OR IGNORE INTO grid (key) VALUES (?)", [(k,) for k in keys])
+            db.execute("INSERT OR REPLACE INTO study (name, value) VALUES ('grid', ?)", (json.dumps(len(keys)),))
+
+    def retired_count(self) -> int:
+        """Rows kept from an earlier grid (0 when no grid is set)."""
+        with self._connect() as db:
+            return int(db.execute(f"SELECT COUNT(*) FROM runs WHERE NOT {IN_GRID}").fetchone()[0])
+
     # -- claims --------------------------------------------------------------------------------------------------
     def claim(self) -> Claim | None:
         """Recover stale claims, then take the next pending run (None when there is none)."""
@@ -174,8 +196,8 @@ class Store:
         now = time.time()
         with self.transaction() as db:
             self._recover(db, now)
-            row = db.execute("SELECT key, config, factors, attempts FROM runs WHERE status = 'pending' "
-                             "ORDER BY seq LIMIT 1").fetchone()
+            row = db.execute("SELECT key, config, factors, attempts FROM runs WHERE status = 'pending' AND "
+                             f"{IN_GRID} ORDER BY seq LIMIT 1").fetchone()
             if row is None:
                 return None
             db.execute("UPDATE runs SET status = 'running', attempts = attempts + 1, claim = ?, host = ?, pid = ?, "
@@ -237,15 +259,18 @@ class Store:
             return db.execute("UPDATE runs SET status = 'pending' WHERE status = 'failed'").rowcount
 
     # -- reading -------------------------------------------------------------------------------------------------
-    def rows(self, status: str | None = None) -> list[RunRow]:
-        query = "SELECT * FROM runs" + (" WHERE status = ?" if status else "") + " ORDER BY seq"
+    def rows(self, status: str | None = None, *, retired: bool = False) -> list[RunRow]:
+        """The current grid's rows (``retired=True``: every row in the file), in the order they were added."""
+        where = [w for w in ("status = ?" if status else "", "" if retired else IN_GRID) if w]
+        query = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY seq"
         with self._connect() as db:
             found = db.execute(query, (status,) if status else ()).fetchall()
         return [_row(r) for r in found]
 
     def counts(self) -> dict[str, int]:
+        """Rows of the current grid per status."""
         with self._connect() as db:
-            found = dict(db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+            found = dict(db.execute(f"SELECT status, COUNT(*) FROM runs WHERE {IN_GRID} GROUP BY status").fetchall())
         return {s: int(found.get(s, 0)) for s in STATUSES}
 
 
