@@ -147,6 +147,22 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     run_suite(open_suite(_suite(tmp_path), tmp_path / "data", "small", tmp_path / "out"))
     assert "running" not in capsys.readouterr().out
+    # a scale that evaluates on another test limit would take these units by their keys: refused, folder named;
+    # also for a store from before the settings were recorded (read from a unit's config)
+    path = _suite(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["scales"]["wide"] = {"max_steps": 2, "seeds": [0, 1], "limit": 3}
+    path.write_text(yaml.safe_dump(cfg))
+    for recorded in (True, False):
+        if not recorded:
+            import sqlite3
+
+            with sqlite3.connect(store.path) as db:
+                db.execute("DELETE FROM study WHERE name = 'units'")
+        with pytest.raises(ConfigError, match=r"out: this folder holds units of scale 'small' \(max_steps 2, test "
+                                              r"limit all items\); scale 'wide'.*own --out"):
+            run_suite(open_suite(path, tmp_path / "data", "wide", tmp_path / "out"))
+    assert "running" not in capsys.readouterr().out
 
 
 def test_suite_config_errors(tmp_path):

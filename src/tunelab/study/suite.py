@@ -429,6 +429,42 @@ def run_row_units(run: SuiteRun, store: Store, row: SuiteRow) -> dict[str, Any]:
     return {"lr": lr, "search": search, "seeds": seeds}
 
 
+def unit_settings(run: SuiteRun) -> dict[str, Any]:
+    """What a unit's key (row, rate, seed) does not say but its result depends on: the training steps and the
+    test limit. Two scales with equal settings share units (e.g. more seeds at the same limit)."""
+    return {"max_steps": run.scale.max_steps, "limit": run.scale.limit}
+
+
+def _stored_settings(store: Store) -> dict[str, Any] | None:
+    """The settings the store's units were made with: recorded since they were, else read from a unit's config."""
+    recorded = store.info("units")
+    if recorded is not None:
+        return recorded
+    for r in store.rows():
+        if r.config.get("kind") == "train":
+            c = r.config["compare"]
+            return {"max_steps": c["base"]["train"]["max_steps"], "limit": c["eval"]["limit"]}
+    return None
+
+
+def check_same_units(run: SuiteRun, store: Store) -> None:
+    """Refuse a scale whose units would differ from the folder's under the same keys: a finished unit is reused by
+    its key, so a scale with other training steps or another test limit would silently take the folder's results
+    (and its evaluations would overwrite theirs)."""
+    have, want = _stored_settings(store), unit_settings(run)
+    if have is None or have == want:
+        return
+    made = (store.info("suite") or {}).get("scale", "?")
+
+    def show(d: dict[str, Any]) -> str:
+        return f"max_steps {d['max_steps']}, test limit {d['limit'] if d['limit'] is not None else 'all items'}"
+
+    raise ConfigError(f"{run.out}: this folder holds units of scale '{made}' ({show(have)}); scale "
+                      f"'{run.scale_name}' of {run.source} trains or evaluates differently ({show(want)}). Units are "
+                      "kept by row, rate and seed, so they cannot be mixed in one folder: give this scale its own "
+                      "--out")
+
+
 def run_suite(run: SuiteRun, *, retry_failed: bool = False) -> Path:
     """Run (or continue) the whole suite at its scale, then write the report; returns the report folder."""
     from tunelab.study.report import write_report
@@ -441,7 +477,9 @@ def run_suite(run: SuiteRun, *, retry_failed: bool = False) -> Path:
     info = prepare_data(run)
     print(f"[suite] data: {info['train']} training and {info['dev']} dev records in {run.out / 'data'}", flush=True)
     store = Store(run.out / "study.sqlite")
+    check_same_units(run, store)
     store.set_info("suite", {"source": run.source, "scale": run.scale_name, "name": run.cfg.name})
+    store.set_info("units", unit_settings(run))
     if retry_failed:
         store.reset_failed()
     run_base(run, store)
