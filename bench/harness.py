@@ -34,7 +34,22 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2-135m"
-BATCH, SEQ_LEN, PROMPT_LEN = 8, 128, 64
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """TUNELAB_BENCH_SHAPE "BxL": rows per step and tokens per row of the shared workload (default 8x128)."""
+    try:
+        b, length = (int(x) for x in text.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"TUNELAB_BENCH_SHAPE={text!r}: give rows x tokens, e.g. 8x128 or 2x2048") from None
+    if b < 1 or length < 16:
+        raise SystemExit(f"TUNELAB_BENCH_SHAPE={text!r}: at least 1 row of 16 tokens")
+    return b, length
+
+
+# the workload's shape; set by the environment so that every child process of a benchmark sees the same one
+BATCH, SEQ_LEN = _shape(os.environ.get("TUNELAB_BENCH_SHAPE", "8x128"))
+PROMPT_LEN = SEQ_LEN // 2  # the first half of each row is the prompt (label -100)
 RESPONSE_LEN = SEQ_LEN - PROMPT_LEN  # response words + EOS
 CLEAN_FOREIGN_CORES = 0.25  # a step is "clean" when other processes used fewer cores than this
 MAX_NOISY_SHARE = 0.25  # rerun a configuration when more of its measured steps than this were not clean

@@ -21,7 +21,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import (
+
+def _shape_before_import() -> None:
+    """--shape BxL sets TUNELAB_BENCH_SHAPE before harness is imported (its constants are the workload's shape,
+    and the child processes inherit the variable)."""
+    for i, arg in enumerate(sys.argv):
+        if arg == "--shape" and i + 1 < len(sys.argv):
+            os.environ["TUNELAB_BENCH_SHAPE"] = sys.argv[i + 1]
+        elif arg.startswith("--shape="):
+            os.environ["TUNELAB_BENCH_SHAPE"] = arg.split("=", 1)[1]
+
+
+_shape_before_import()
+
+from harness import (  # noqa: E402
     BATCH,
     CLEAN_FOREIGN_CORES,
     MAX_NOISY_SHARE,
@@ -79,6 +92,8 @@ class Spec:
     dtype: str = "auto"  # model load dtype
     autocast: bool = False  # peer loops only; tunelab decides itself (auto: bf16 autocast with bf16 weights)
     compile: bool = False  # tunelab only: train.compile
+    checkpointing: bool = False  # activation checkpointing (tunelab: train.activation_checkpointing; peers:
+    # transformers' gradient checkpointing, non-reentrant)
     keep_freed_memory: bool = False  # peer loops only: glibc set (by environment) as train.keep_freed_memory sets it
 
 
@@ -93,6 +108,10 @@ CONFIGS: dict[str, Spec] = {
     "tunelab-lora": _tunelab("lora", "LoRA r=8 alpha=16 all-linear"),
     "tunelab-full-compile": Spec("tunelab", "full", "as tunelab-full with train.compile: true", compile=True),
     "tunelab-lora-compile": Spec("tunelab", "lora", "as tunelab-lora with train.compile: true", compile=True),
+    "tunelab-full-ckpt": Spec("tunelab", "full", "as tunelab-full with train.activation_checkpointing: true",
+                              checkpointing=True),
+    "tunelab-lora-ckpt": Spec("tunelab", "lora", "as tunelab-lora with train.activation_checkpointing: true",
+                              checkpointing=True),
     "peft-lora-fp32": Spec("peft", "lora", "peft LoRA r=8 alpha=16 all-linear on the fp32 model, plain loop",
                            dtype="fp32"),
     "peft-lora-bf16": Spec("peft", "lora", "peft LoRA on the bf16 model (adapters as peft creates them), forward "
@@ -136,8 +155,10 @@ CONFIGS: dict[str, Spec] = {
 
 def worker_tunelab(spec: Spec, workdir: Path, name: str, steps: int) -> dict[str, Any]:
     """tunelab's loop on the shared data (harness.train_tunelab)."""
+    train = {**({"compile": True} if spec.compile else {}),
+             **({"activation_checkpointing": True} if spec.checkpointing else {})}
     return train_tunelab(workdir, name, {"name": spec.method, **METHOD_OPTIONS[spec.method]}, steps=steps,
-                         lr=LR[spec.method], dtype=spec.dtype, train={"compile": True} if spec.compile else None)
+                         lr=LR[spec.method], dtype=spec.dtype, train=train or None)
 
 
 def peer_model(spec: Spec, workdir: Path) -> Any:
@@ -341,7 +362,7 @@ def ratios(configs: dict[str, Any]) -> dict[str, Any]:
     for method, names in peers.items():
         out[f"tunelab-{method} vs best {names[0].rsplit('-', 1)[0]}"] = _compare(configs, f"tunelab-{method}",
                                                                                  names, None)
-    for suffix in ("", "-compile"):
+    for suffix in ("", "-compile", "-ckpt"):
         out[f"tunelab-lora{suffix} vs best peft-lora"] = _compare(configs, f"tunelab-lora{suffix}", peft,
                                                                   "peft-lora-fp32")
         out[f"tunelab-full{suffix} vs best plain-full"] = _compare(configs, f"tunelab-full{suffix}", plain, None)
@@ -353,7 +374,7 @@ def ratios(configs: dict[str, Any]) -> dict[str, Any]:
     for key, value in out.items():
         if value.get("available") is not False:
             value["target_met"] = target_met(key, value)
-    return {k: v for k, v in out.items() if v.get("available") is not False or "compile" not in k}
+    return {k: v for k, v in out.items() if v.get("available") is not False or not ("compile" in k or "ckpt" in k)}
 
 
 def target_met(key: str, value: dict[str, Any]) -> dict[str, bool | None]:
@@ -370,8 +391,8 @@ def target_met(key: str, value: dict[str, Any]) -> dict[str, bool | None]:
 
 
 def select(only: str | None) -> list[str]:
-    if not only:
-        return list(CONFIGS)
+    if not only:  # the checkpointing variants only where named (bench/long_sequences.py runs them)
+        return [n for n in CONFIGS if not CONFIGS[n].checkpointing]
     names = [n.strip() for n in only.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
@@ -516,6 +537,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p, list(CONFIGS), "train-throughput", steps=12, warmup=2, wait_idle=120)
+    p.add_argument("--shape", default=os.environ.get("TUNELAB_BENCH_SHAPE", "8x128"),
+                   help="rows x tokens per step of the shared workload (default 8x128; half of each row is prompt)")
     p.add_argument("--repeats", type=int, default=1, help="run the whole sequence R times, interleaved")
     p.add_argument("--warmup-compile", type=int, default=3,
                    help="steps excluded for the compile variants (they include compilation; default 3)")

@@ -367,3 +367,49 @@ def test_parameter_count_closed_form(row, arch, device):
     expected = row.closed_form(fresh)
     assert handle.num_trainable() == expected
     assert get_method(row.method).num_parameters(fresh, cfg) == expected
+
+
+def _grads_and_block_calls(model, handle, batch) -> tuple[dict[str, torch.Tensor], int]:
+    """One loss + backward from a fixed RNG state: the trainable gradients and how many times the modules inside
+    the first decoder block were called (twice as many when the block is recomputed in the backward)."""
+    from tunelab.methods.reft import decoder_layers
+
+    calls = [0]
+    block = decoder_layers(model)[0]
+    hooks = [m.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+             for m in block.modules() if m is not block]
+    params = handle.trainable_parameters()
+    for p in params.values():
+        p.grad = None
+    torch.manual_seed(11)  # the same dropout masks in both passes (checkpointing replays the RNG state)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    total, count = nll_sum(model, {**batch, "labels": labels})
+    (total / count).backward()
+    for h in hooks:
+        h.remove()
+    return {n: p.grad.detach().clone() for n, p in params.items()}, calls[0]
+
+
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_activation_checkpointing_same_gradients(row, arch, device):
+    """train.activation_checkpointing recomputes each block in the backward pass and leaves every gradient as it
+    was; a method that cannot train with it (prefix and prompt tuning, which reach the model as its key/value
+    cache: transformers drops the cache in checkpointed blocks) is refused when the config is read."""
+    from tunelab.config import ConfigError, load_config
+    from tunelab.train.loop import enable_activation_checkpointing
+
+    if not get_method(row.method).CAPABILITIES.activation_checkpointing:
+        with pytest.raises(ConfigError, match=f"train.activation_checkpointing: method '{row.method}' cannot train"):
+            load_config(None, [f"method.name={row.method}", "train.activation_checkpointing=true"])
+        return
+    model, _, batch, _, handle, _ = _setup(row, arch, device)
+    model.train()
+    _perturb(handle)
+    plain, plain_calls = _grads_and_block_calls(model, handle, batch)
+    enable_activation_checkpointing(model)
+    checkpointed, calls = _grads_and_block_calls(model, handle, batch)
+    # the block really ran again in the backward pass (torch stops a recomputation once it has every saved tensor)
+    assert 0 < plain_calls < calls <= 2 * plain_calls
+    assert plain.keys() == checkpointed.keys()
+    for n in plain:
+        torch.testing.assert_close(checkpointed[n], plain[n], atol=row.atol, rtol=1e-4, msg=n)

@@ -464,3 +464,31 @@ def test_fsdp_resume_after_kill_equals_the_uninterrupted_run(tmp_path):
     loss = {n: [json.loads(x)["loss"] for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()
                 if '"loss"' in x] for n in ("whole", "cut")}
     assert loss["cut"] == pytest.approx(loss["whole"], rel=1e-5)
+
+
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 4, "alpha": 8}, {"name": "full"},
+                                    {"name": "loreft", "r": 2}])
+def test_activation_checkpointing_trains_the_same_run(tmp_path, method):
+    """train.activation_checkpointing: the same loss curve and weights as without it (it only trades memory for
+    a recomputation), and it does not change the run's config hash, so a run may resume with it switched."""
+    from safetensors.torch import load_file
+
+    from tunelab.train.loop import config_hash
+
+    runs = {}
+    for on in (False, True):
+        cfg = config_from_dict(cfg_dict(tmp_path, output_dir=str(tmp_path / f"ckpt-{on}"), method=method,
+                                        train__activation_checkpointing=on))
+        model, tok = tiny()
+        result = train(cfg, model=model, tokenizer=tok)
+        name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+            else "is_gradient_checkpointing"  # renamed in transformers 5.x
+        assert getattr(model, name) == on
+        rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+        same_dir = config_from_dict(cfg_dict(tmp_path, method=method, train__activation_checkpointing=on))
+        runs[on] = ([r["loss"] for r in rows if "loss" in r], load_file(str(result.run_dir / "adapter.safetensors")),
+                    config_hash(same_dir))
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+    for k, v in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][k], v, atol=1e-6, rtol=1e-5)
+    assert runs[True][2] == runs[False][2]

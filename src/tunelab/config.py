@@ -109,6 +109,9 @@ class TrainSection:
     log_every: int = 1
     threads: int | None = None
     compile: bool = False  # torch.compile each decoder block (dynamic shapes): ~40 s once, then faster steps
+    # recompute each decoder block's activations in the backward pass instead of keeping them (transformers'
+    # non-reentrant gradient checkpointing): activation memory of one block instead of all, ~1 more forward per step
+    activation_checkpointing: bool = False
     progress: bool = True
     report_to: list[str] = field(default_factory=list)  # experiment trackers: tensorboard, mlflow, wandb
     # under torchrun: ddp (a full copy per process) or fsdp (FSDP2 fully_shard on the decoder blocks: parameters,
@@ -246,6 +249,12 @@ def config_from_dict(data: dict[str, Any], lines: Lines | None = None) -> RunCon
         if not get_method(method["name"]).CAPABILITIES.fsdp:
             raise ConfigError(f"{lines.where('train.distributed')}train.distributed: fsdp: method "
                               f"'{method['name']}' does not train sharded (see its docs); use distributed: ddp")
+    if cfg.train.activation_checkpointing:
+        from tunelab.methods import get_method
+
+        if not get_method(method["name"]).CAPABILITIES.activation_checkpointing:
+            raise ConfigError(f"{lines.where('train.activation_checkpointing')}train.activation_checkpointing: "
+                              f"method '{method['name']}' cannot train with it (see its docs); set it to false")
     return cfg
 
 

@@ -40,6 +40,8 @@ class Capabilities:
     loftq_init: bool = False  # it can start from LoftQ's low-rank factors (it provides low_rank / init_low_rank)
     exports: tuple[str, ...] = ()  # peer formats its ``export`` writes next to every run (e.g. "peft")
     fsdp: bool = True  # it trains under train.distributed: fsdp (its compute stays inside the model's forward)
+    activation_checkpointing: bool = True  # it trains with train.activation_checkpointing (its state survives a
+    # block's recomputation)
 
 
 @dataclass(frozen=True)

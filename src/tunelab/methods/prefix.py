@@ -48,7 +48,8 @@ from tunelab.methods.core import (
 DESCRIPTION = "Prefix tuning: learned keys/values of P virtual tokens in every attention layer (optional MLP reparam)"
 PAPER = ("Li & Liang, 2021, Prefix-Tuning: Optimizing Continuous Prompts for Generation, "
          "https://arxiv.org/abs/2101.00190")
-CAPABILITIES = Capabilities(exports=("peft",))
+# transformers drops the key/value cache — which carries the prefix — in blocks under gradient checkpointing
+CAPABILITIES = Capabilities(exports=("peft",), activation_checkpointing=False)
 NO_MERGE = ("the prefix adds P attention entries (keys/values) in every layer; attention over them is not a linear "
             "map of the input, so there is no weight update to fold into the base model")
 MODULE_NAME = "prefix_tuning"

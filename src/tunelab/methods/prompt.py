@@ -39,8 +39,9 @@ DESCRIPTION = "Prompt tuning: P trainable soft-token embeddings before the input
 PAPER = ("Lester et al., 2021, The Power of Scale for Parameter-Efficient Prompt Tuning, "
          "https://arxiv.org/abs/2104.08691")
 # the soft prompt's keys/values come from running the blocks outside the model's forward, where FSDP does not
-# gather their parameters
-CAPABILITIES = Capabilities(exports=("peft",), fsdp=False)
+# gather their parameters; they reach the model as its key/value cache, which transformers drops in blocks under
+# gradient checkpointing
+CAPABILITIES = Capabilities(exports=("peft",), fsdp=False, activation_checkpointing=False)
 NO_MERGE = ("soft tokens are extra inputs that every layer attends to; attention over them is not a linear map "
             "of the input, so there is no weight update to fold into the base model")
 MODULE_NAME = "prompt_tuning"

@@ -27,7 +27,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 import tunelab
-from tunelab.config import RunConfig, dump_config
+from tunelab.config import ConfigError, RunConfig, dump_config
 from tunelab.devices import move_batch, peak_device_memory_mb, reset_peak_memory, resolve_device
 from tunelab.errors import RunError
 from tunelab.errors import TrainingDiverged as TrainingDiverged
@@ -142,10 +142,23 @@ def compile_blocks(model: nn.Module) -> int:
     return len(blocks)
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """train.activation_checkpointing: transformers' gradient checkpointing of every decoder block, non-reentrant
+    (frozen inputs need no requires_grad trick; RNG state is replayed, so dropout masks match)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"train.activation_checkpointing: {type(model).__name__} does not support gradient "
+                          "checkpointing in transformers; set train.activation_checkpointing: false")
+    if hasattr(model, "activation_checkpointing_enable"):  # the name since transformers 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def config_hash(cfg: RunConfig) -> str:
     """Fingerprint of everything that decides the trained weights (the progress bar setting does not)."""
     data = cfg.to_dict()
-    data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "threads", "log_every", "compile", "device")}
+    data["train"] = {k: v for k, v in data["train"].items() if k not in ("progress", "threads", "log_every", "compile", "device",
+                                                                   "activation_checkpointing")}
     if data["train"].get("optimizer") == "adamw":  # the default, left out: runs from before the option keep their hash
         del data["train"]["optimizer"]
     return hashlib.blake2b(repr(data).encode(), digest_size=8).hexdigest()
@@ -250,6 +263,8 @@ class Trainer:
             compile_blocks(self.model)
         elif (on_cpu or t.fused_kernels is True) and fused_kernels_wanted(t.fused_kernels, autocast, self.model):
             self._restore_fused = use_fused_kernels(self.model)
+        if t.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
         self.forward = LossModule(self.model)
         if self.info.enabled and t.distributed == "fsdp":
             self._shard()
