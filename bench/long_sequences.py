@@ -57,7 +57,8 @@ def summarise(shapes: list[str], runs: dict[str, dict[str, Any]]) -> dict[str, A
         row: dict[str, Any] = {"configs": {n: {"tokens_per_s": c.get("tokens_per_s"),
                                                "peak_rss_mib": c.get("peak_rss_mib"),
                                                "peak_rss_train_mib": c.get("peak_rss_train_mib"),
-                                               "mfu": c.get("mfu"), "status": c.get("status")}
+                                               "mfu": c.get("mfu"), "compute_dtype": c.get("compute_dtype"),
+                                               "status": c.get("status")}
                                            for n, c in configs.items()}}
         ok = {n: c for n, c in configs.items() if c.get("status") == "ok"}
         for mine, peers in PEERS.items():
@@ -87,7 +88,11 @@ def summarise(shapes: list[str], runs: dict[str, dict[str, Any]]) -> dict[str, A
                 g = second / first if first > FLAT_MIB else None
                 linear = None if g is None else g <= LINEAR_GROWTH_MAX
             growth[name] = {"peak_rss_mib": rss, "increments_mib": [first, second], "growth": g, "linear": linear}
-    return {"shapes": table, "memory_growth": growth}
+    # flat views for bench/tables.py (one row per result file: configurations, ratios, summary)
+    flat = {f"{shape} {n}": c for shape in shapes for n, c in table[shape]["configs"].items()}
+    ratios = {f"{shape} {k}": v for shape in shapes for k, v in table[shape].items() if k != "configs"}
+    summary = {f"RSS growth {n}": {"growth": g["growth"], "linear": g["linear"]} for n, g in growth.items()}
+    return {"shapes": table, "memory_growth": growth, "configs": flat, "ratios": ratios, "summary": summary}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait-idle", type=float, default=60, help="seconds to wait for an idle machine per run")
     p.add_argument("--timeout", type=float, default=1800, help="seconds per configuration run")
     p.add_argument("--out", type=Path, help="result file (default bench/results/long-sequences-DATE-COMMIT.json)")
+    p.add_argument("--resummarise", type=Path, metavar="FILE",
+                   help="recompute the summary of an earlier result FILE from its stored runs (no training) and "
+                        "rewrite it in place")
     args = p.parse_args(argv)
+    if args.resummarise:
+        data = json.loads(args.resummarise.read_text())
+        data.update(h.rounded(summarise(data["settings"]["shapes"], data["runs"])))
+        data.setdefault("notes", []).append(f"summary recomputed from the stored runs on {time.strftime('%Y-%m-%d')} "
+                                            f"by bench/long_sequences.py at {h.git_state(h.REPO)}")
+        h.write_result("long-sequences", data, args.resummarise)
+        return 0
     args.only = [n.strip() for n in args.only.split(",") if n.strip()]
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     env = h.environment(h.REPO)
