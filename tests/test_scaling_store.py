@@ -71,6 +71,9 @@ def test_a_changed_budget_retires_the_old_runs_of_a_study(tmp_path):
     assert second.counts() == {"pending": 1, "running": 0, "done": 1, "failed": 0} and second.retired_count() == 1
     assert second.rows("done")[0].factors["d_f"] == 8
     assert second.rows("pending")[0].config["train"]["max_steps"] == 12
+    from tunelab.scaling.report import runs_table
+
+    assert runs_table(second).splitlines()[-1].endswith("(+ 1 retired: runs of an earlier spec, kept, not fitted)")
 
 
 def test_dead_worker_claim_is_recovered_and_its_late_commit_refused(tmp_path):

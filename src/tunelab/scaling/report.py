@@ -274,7 +274,9 @@ def runs_table(store: Store, limit: int | None = None) -> str:
                      f"{f.get('seed', ''):>4} {'' if nll is None else f'{nll:.4f}':>9} "
                      f"{'' if r.seconds is None else f'{r.seconds:.1f}':>8}  {err}")
     counts = store.counts()
-    lines.append(" ".join(f"{k}: {v}" for k, v in counts.items()))
+    retired = store.retired_count()
+    lines.append(" ".join(f"{k}: {v}" for k, v in counts.items())
+                 + (f"  (+ {retired} retired: runs of an earlier spec, kept, not fitted)" if retired else ""))
     return "\n".join(lines)
 
 
