@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: demo test test-slow lint bench install
+.PHONY: demo test test-slow lint bench bench-quick install
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -32,4 +32,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[bench]'
-	$(BIN)/python bench/train_throughput.py
+	$(BIN)/python bench/all.py
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/python bench/all.py --quick

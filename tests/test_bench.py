@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
-SCRIPTS = ["train_throughput", "distributed", "reft_throughput", "masking_throughput", "quant_bench", "tables"]
+SCRIPTS = ["train_throughput", "distributed", "reft_throughput", "masking_throughput", "quant_bench", "tables",
+           "long_sequences", "all"]
 
 
 @pytest.fixture
@@ -67,3 +68,40 @@ def test_every_result_file_names_its_benchmark_and_commit():
 def test_readme_tables_are_generated_from_the_results():
     out = subprocess.run([sys.executable, str(BENCH / "tables.py"), "--check"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
+
+
+def test_make_bench_record_feeds_the_readme_headline_and_the_tables(tmp_path, monkeypatch):
+    """A `make bench` record (bench/all.py) gives the README's headline block its numbers, and each of its
+    benchmarks a row in that benchmark's table; without a record the block says how to make one."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import tables
+
+    assert "No `make bench` record yet" in tables.headline(tmp_path)
+    train = {"benchmark": "train_throughput", "environment": {"date": "2026-12-07", "git": {"commit": "abc1234"}},
+             "configs": {"tunelab-lora": {"status": "ok", "tokens_per_s": 700.0, "peak_rss_mib": 1800.0, "mfu": 0.31,
+                                          "compute_dtype": "bf16"}},
+             "ratios": {"tunelab-lora vs best peft-lora": {"vs": "peft-lora-bf16", "tokens_per_s_ratio": 1.8,
+                                                           "peak_rss_ratio": 0.6}}}
+    quant = {"benchmark": "quant", "summary": {"qlora_nf4_vs_bf16_lora": {"tokens_per_s_ratio": 0.8}}}
+    record = {"benchmark": "bench-all", "mode": "quick", "command": "python bench/all.py --quick",
+              "environment": {"date": "2026-12-07", "git": {"commit": "abc1234"},
+                              "cpu": {"model_name": "AMD EPYC", "logical_cpus": 2, "flags": ["avx512_bf16"]}},
+              "benchmarks": {"train-throughput": {"status": "ok", "result": train},
+                             "quant-bench": {"status": "ok", "result": quant},
+                             "long-sequences": {"status": "skipped"}}}
+    (tmp_path / "bench-all-quick-2026-12-07-abc1234.json").write_text(json.dumps(record))
+    block = tables.headline(tmp_path)
+    assert "bench-all-quick-2026-12-07-abc1234.json" in block and "AMD EPYC, 2 cores (avx512_bf16)" in block
+    assert "| LoRA tokens/s ÷ fastest peft LoRA (peft-lora-bf16) | ×1.80 | ≥ 2× |" in block
+    assert "| tunelab-lora MFU (peak of bf16) | 31% |" in block and "| QLoRA-NF4 tokens/s ÷ bf16 LoRA | ×0.80 |" in block
+    assert "quick" in block
+    page = tables.render(tmp_path)
+    assert "### train-throughput" in page and "tunelab-lora: 700 tok/s" in page and "### long-sequences" not in page
+    readme = f"intro\n{tables.HEAD_BEGIN}\nold\n{tables.HEAD_END}\nrest"
+    assert tables.splice_headline(readme, block) == f"intro\n{block}\nrest"
+
+
+def test_make_bench_refuses_an_unknown_benchmark():
+    out = subprocess.run([sys.executable, str(BENCH / "all.py"), "--only", "train-throughput,nope"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "unknown benchmark(s) nope" in out.stderr
