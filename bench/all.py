@@ -29,7 +29,8 @@ import harness as h
 
 HERE = Path(__file__).resolve().parent
 # (name, script, arguments for the whole set, arguments for --quick or None when --quick leaves it out)
-QUICK_TRAIN = "tunelab-lora,peft-lora-fp32,peft-lora-bf16,tunelab-full,plain-full-fp32,plain-full-bf16autocast"
+QUICK_TRAIN = ("tunelab-lora,peft-lora-fp32,peft-lora-bf16,trl-lora-fp32,trl-lora-bf16,tunelab-full,plain-full-fp32,"
+               "plain-full-bf16autocast")
 BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
     ("train-throughput", "train_throughput.py", ["--repeats", "3"],
      ["--steps", "4", "--warmup", "1", "--only", QUICK_TRAIN, "--wait-idle", "20", "--retry-noisy", "0"]),

@@ -86,7 +86,7 @@ ADAPTERS_PYTHON = os.environ.get("TUNELAB_ADAPTERS_PYTHON", "")
 class Spec:
     """One benchmarked configuration."""
 
-    kind: str  # "tunelab" | "peft" | "plain" | "adapters"
+    kind: str  # "tunelab" | "peft" | "plain" | "adapters" | "trl"
     method: str  # a key of METHOD_OPTIONS
     description: str
     dtype: str = "auto"  # model load dtype
@@ -116,6 +116,15 @@ CONFIGS: dict[str, Spec] = {
                            dtype="fp32"),
     "peft-lora-bf16": Spec("peft", "lora", "peft LoRA on the bf16 model (adapters as peft creates them), forward "
                                            "under bf16 autocast", dtype="bf16", autocast=True),
+    # trl's SFTTrainer with a peft LoRA config (what most users run): the fp32 model, fp32 or with SFTConfig(bf16=True)
+    # (accelerate's bf16 autocast; fp32 master weights); trl's default gradient checkpointing off, as every other row,
+    # and on in "-defaults" (SFTConfig's defaults otherwise too: completion-only loss from the completion mask)
+    "trl-lora-fp32": Spec("trl", "lora", "trl SFTTrainer + peft LoRA r=8 alpha=16 all-linear, fp32 model, "
+                                         "gradient checkpointing off", dtype="fp32"),
+    "trl-lora-bf16": Spec("trl", "lora", "trl SFTTrainer + peft LoRA, fp32 model, SFTConfig(bf16=True) (autocast), "
+                                         "gradient checkpointing off", dtype="fp32", autocast=True),
+    "trl-lora-bf16-defaults": Spec("trl", "lora", "as trl-lora-bf16 with SFTConfig's default gradient checkpointing "
+                                                  "(on)", dtype="fp32", autocast=True, checkpointing=True),
     "plain-full-fp32": Spec("plain", "full", "transformers + torch loop, full tuning, fp32", dtype="fp32"),
     "plain-full-bf16autocast": Spec("plain", "full", "transformers + torch loop, full tuning, fp32 weights, "
                                                      "forward under bf16 autocast", dtype="fp32", autocast=True),
@@ -237,6 +246,60 @@ def worker_peer(spec: Spec, workdir: Path, steps: int) -> dict[str, Any]:
     }
 
 
+def worker_trl(spec: Spec, workdir: Path, steps: int) -> dict[str, Any]:
+    """trl's SFTTrainer on the same token ids (a processed dataset: input_ids + completion_mask, so the loss is on the
+    response, as in every row); step times from a callback around each optimizer step."""
+    import datasets
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    probes = Probes()
+    torch.manual_seed(0)
+    from tunelab.models import load_model
+
+    model, tokenizer = load_model(MODEL, spec.dtype)
+    rows = json.loads((workdir / "tokens.json").read_text())
+    data = datasets.Dataset.from_dict({"input_ids": [r[0] for r in rows],
+                                       "completion_mask": [[int(t != -100) for t in r[1]] for r in rows]})
+    times: list[float] = []
+    losses: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001 - transformers' callback signature
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001
+            times.append(time.perf_counter() - self.t0)
+            log(f"  step {len(times)}/{steps}: {times[-1]:.3f} s")
+
+        def on_log(self, args, state, control, logs=None, **kw):  # noqa: ANN001
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    config = trl.SFTConfig(
+        output_dir=str(workdir / f"trl-{os.getpid()}"), report_to="none", use_cpu=True, bf16=spec.autocast,
+        per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR[spec.method], logging_steps=1,
+        save_strategy="no", max_length=SEQ_LEN, packing=False, gradient_checkpointing=spec.checkpointing,
+        dataloader_num_workers=0, seed=0, lr_scheduler_type="constant", warmup_steps=0)
+    lora = peft.LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], target_modules="all-linear", lora_dropout=0.0,
+                           task_type="CAUSAL_LM")
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tokenizer,
+                             peft_config=lora, callbacks=[Timer()])
+    trainer.train()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    return {
+        "step_s": times, "tokens": [BATCH * SEQ_LEN] * len(times), "loss": losses or [float("nan")],
+        "lm_head_positions": BATCH * SEQ_LEN,  # logits at every position
+        "trainable_params": sum(p.numel() for p in params),
+        "total_params": sum(p.numel() for p in trainer.model.parameters()),
+        "trainable_dtypes": sorted({str(p.dtype) for p in params}),
+        "transformers_version": transformers.__version__, "trl_version": trl.__version__,
+        **memory_report(probes),
+    }
+
+
 def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
     if name == "prepare":
         return worker_prepare(workdir, steps)
@@ -245,6 +308,8 @@ def run_worker(name: str, workdir: Path, steps: int) -> dict[str, Any]:
     spec = CONFIGS[name]
     if spec.kind == "tunelab":
         out = worker_tunelab(spec, workdir, name, steps)
+    elif spec.kind == "trl":
+        out = worker_trl(spec, workdir, steps)
     else:
         out = worker_peer(spec, workdir, steps)
     import torch
@@ -354,7 +419,9 @@ def _compare(configs: dict[str, Any], mine: str, peers: tuple[str, ...], memory_
 
 
 def ratios(configs: dict[str, Any]) -> dict[str, Any]:
-    peft, plain = ("peft-lora-fp32", "peft-lora-bf16"), ("plain-full-fp32", "plain-full-bf16autocast")
+    # LoRA's peers: peft in a plain loop and under trl's SFTTrainer (the fastest of those that ran)
+    peft, plain = ("peft-lora-fp32", "peft-lora-bf16", "trl-lora-fp32", "trl-lora-bf16"), \
+        ("plain-full-fp32", "plain-full-bf16autocast")
     out: dict[str, Any] = {}
     peers = {"prompt": ("peft-prompt-fp32", "peft-prompt-bf16"), "prefix": ("peft-prefix-fp32", "peft-prefix-bf16"),
              "series": ("adapters-series-fp32", "adapters-series-bf16"),
