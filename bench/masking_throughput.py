@@ -56,6 +56,8 @@ TARGETS = {"mask_peak_rss_vs_lora_max": 1.0, "mask_peak_rss_vs_naive_max": 0.5, 
 
 def worker_mask(name: str, workdir: Path, steps: int) -> dict[str, Any]:
     """tunelab's loop with a masking method on the shared data (harness.train_tunelab)."""
+    if name == "prepare":  # the shared data of every configuration (harness.worker_prepare)
+        return tt.worker_prepare(workdir, steps)
     from tunelab.methods import REGISTRY
 
     REGISTRY.setdefault("random-mask-naive", "masking_naive")  # bench-only method (this folder is on sys.path)
