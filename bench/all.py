@@ -40,6 +40,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
     ("quant-bench", "quant_bench.py", [],
      ["--steps", "4", "--warmup", "1", "--only", "memory,train-lora-bf16,train-qlora-nf4", "--wait-idle", "20"]),
     ("eval-throughput", "eval_throughput.py", [], ["--prompts", "16", "--max-new-tokens", "16"]),
+    ("loglik-vs-lm-eval", "loglik_vs_lm_eval.py", [], ["--items", "100", "--repeats", "1"]),
     ("long-sequences", "long_sequences.py", [], None),
     ("optimizer-states", "optimizer_states.py", [], None),
     ("distributed", "distributed.py", [], None),

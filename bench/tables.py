@@ -98,6 +98,12 @@ def ratio_cells(data: dict[str, Any]) -> str:
     summary = data.get("summary")
     if isinstance(summary, dict):
         parts += [f"{k}: {json.dumps(v) if isinstance(v, dict) else _num(v, 3)}" for k, v in summary.items()]
+    if "speedup_vs_lm_eval" in data:
+        rows = data.get("rows") or {}
+        acc = ", ".join(f"{k} acc {_num(100 * r['acc'], 1)}" for k, r in rows.items() if isinstance(r.get("acc"), float))
+        parts.append(f"×{data['speedup_vs_lm_eval']} lm-eval (×{data.get('speedup_vs_lm_eval_loglikelihood_only')} "
+                     f"its loglikelihood call alone), ×{data.get('speedup_from_sharing')} from sharing contexts; "
+                     f"{acc}; same predictions {data.get('same_acc_prediction')}")
     if "speedup_batched" in data:
         parts.append(f"batched {_num(data['batched']['tokens_per_s'], 1)} tok/s, ×{data['speedup_batched']} "
                      f"one-at-a-time; identical outputs {data.get('identical_outputs')}")
@@ -108,6 +114,9 @@ def settings_cell(data: dict[str, Any]) -> str:
     s = data.get("settings") or {}
     keys = ("batch", "seq_len", "steps", "repeats", "warmup_steps_excluded")
     shown = [f"{k} {s[k]}" for k in keys if k in s]
+    if "items" in data and "options" in data:
+        shown.append(f"{data['items']} items / {data['options']} options, batch {data.get('batch_size')}, "
+                     f"{data.get('repeats')} repeats, {data.get('dtype')}")
     if "prompts" in data:
         shown.append(f"{data['prompts']} prompts × {data.get('max_new_tokens')} new tokens, {data.get('dtype')}")
     return ", ".join(shown) or "–"
@@ -182,6 +191,11 @@ def headline(results: Path = RESULTS) -> str:
     if gen:
         rows.append((f"greedy generation, batched ({gen.get('prompts')} prompts, {gen.get('dtype')})",
                      f"{_num((gen.get('batched') or {}).get('tokens_per_s'), 1)} tok/s", "≥ 5 × 52.8 tok/s"))
+    ll = result("loglik-vs-lm-eval")
+    if ll:
+        rows.append((f"log-likelihood MC scoring ÷ lm-eval ({ll.get('items')} ARC-Easy items, {ll.get('dtype')})",
+                     _x(ll.get("speedup_vs_lm_eval")), "≥ 3×"))
+        rows.append(("its accuracy − lm-eval's (points)", _num(ll.get("acc_difference_points"), 2), "within ±0.5"))
     git = env.get("git") or {}
     out += ["", f"Newest `make bench` record: [{path.name}](bench/results/{path.name}) — `{data.get('command')}`, "
                 f"{env.get('date', '?')}, commit {git.get('commit', '?')}, {machine(env)}"

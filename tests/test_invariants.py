@@ -413,3 +413,24 @@ def test_activation_checkpointing_same_gradients(row, arch, device):
     assert plain.keys() == checkpointed.keys()
     for n in plain:
         torch.testing.assert_close(checkpointed[n], plain[n], atol=row.atol, rtol=1e-4, msg=n)
+
+
+SHARED_PAIRS = [("Question: which of these floats on water?\nAnswer:", o) for o in (" a dry stick", " iron", " x")]
+SHARED_PAIRS += [("Q: a second, longer question context that needs left padding?\nA:", o) for o in (" yes it does", " no")]
+
+
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_shared_context_scoring_equals_scoring_alone(row, arch, device):
+    """Log-likelihood scoring runs a multiple-choice context once and its options on its KV cache (left-padded
+    contexts, then a cached pass like a decode step of several tokens): every method gives the numbers of scoring
+    each (context, option) alone as one sequence — position-aware methods edit the same context positions, prefix
+    and prompt tuning keep their prefix in the repeated cache."""
+    from tunelab.eval.loglik import continuation_logprobs
+
+    model, tok, _, _, handle, _ = _setup(row, arch, device)
+    _perturb(handle)
+    together = continuation_logprobs(model, tok, SHARED_PAIRS, batch_size=8)
+    alone = [continuation_logprobs(model, tok, [pair])[0] for pair in SHARED_PAIRS]
+    for (a, n), (b, m) in zip(together, alone, strict=True):
+        assert n == m
+        assert a == pytest.approx(b, abs=max(row.atol, 1e-5) * 10 * n)

@@ -197,9 +197,9 @@ def test_identical_pairs_are_scored_once(llama, monkeypatch):
     seen: list[list[tuple[str, str]]] = []
     real = loglik.continuation_logprobs
 
-    def spy(model, tokenizer, pairs, *, batch_size=16):
+    def spy(model, tokenizer, pairs, *, batch_size=16, share_context=True):
         seen.append(list(pairs))
-        return real(model, tokenizer, pairs, batch_size=batch_size)
+        return real(model, tokenizer, pairs, batch_size=batch_size, share_context=share_context)
 
     monkeypatch.setattr(loglik, "continuation_logprobs", spy)
     item = mc_item_from_record(
@@ -210,26 +210,51 @@ def test_identical_pairs_are_scored_once(llama, monkeypatch):
     assert results[0] == results[1] == results[2]
 
 
-def test_options_differing_in_their_last_token_share_one_forward(llama, monkeypatch):
-    """Label words (" answer1" ... " answer4" after one context) have identical model inputs: one row of one
-    forward pass scores them all, with the same numbers as scoring each option alone."""
+def _spy_runs(monkeypatch) -> list[tuple[int, int, bool]]:
+    """(rows, columns, with a cache) of every model call the shared-context path makes."""
+    calls: list[tuple[int, int, bool]] = []
+    real = loglik._run_body
+
+    def spy(model, ids, mask, position_ids, cache=None):
+        calls.append((ids.shape[0], ids.shape[1], cache is not None))
+        return real(model, ids, mask, position_ids, cache)
+
+    monkeypatch.setattr(loglik, "_run_body", spy)
+    return calls
+
+
+def test_options_differing_in_their_last_token_need_the_context_pass_only(llama, monkeypatch):
+    """Options of one token each after one context (label words are, in most vocabularies; digits are in the tiny
+    byte-level one): the context's last position scores them all, with no pass over the continuations; the numbers
+    are those of scoring each option alone."""
     model, tok = llama
-    pairs = [("Q: pick one.\nA: the answer is", f" answer{k}") for k in range(1, 5)]
-    pairs += [("Another context", " x"), ("Another context", " yz")]
+    pairs = [("Q: pick one.\nA: the answer is answer", f"{k}") for k in range(1, 5)]
+    assert all(len(encode_pair(tok, c, o)[1]) == 1 for c, o in pairs)
     alone = [loglik.continuation_logprobs(model, tok, [p])[0] for p in pairs]
-    widths: list[int] = []
-    real = loglik._decoder_hidden
-
-    def spy(model, ids, mask):
-        widths.append(ids.shape[0])
-        return real(model, ids, mask)
-
-    monkeypatch.setattr(loglik, "_decoder_hidden", spy)
+    calls = _spy_runs(monkeypatch)
     together = loglik.continuation_logprobs(model, tok, pairs, batch_size=16)
-    distinct_inputs = len({tuple(loglik._window(*loglik.encode_pair(tok, c, o), 10_000)[0]) for c, o in pairs})
-    assert widths == [distinct_inputs] and distinct_inputs < len(pairs)
+    assert calls == [(1, len(encode_pair(tok, *pairs[0])[0]), False)]
     for (a, n), (b, m) in zip(alone, together, strict=True):
-        assert n == m and a == pytest.approx(b, abs=1e-4)
+        assert n == m and a == pytest.approx(b, abs=1e-5)
+
+
+def test_a_shared_context_runs_once_for_all_its_options(llama, monkeypatch):
+    """Two items of several multi-token options each: one left-padded pass over the two contexts, one cached pass
+    over every option; each score equals the hand-computed full-sequence oracle."""
+    model, tok = llama
+    pairs = [("Question: Which one floats?\nAnswer:", o) for o in (" a wooden stick", " iron", " a stone wall")]
+    pairs += [("Q: longer context here, with more words in it to pad?\nA:", o) for o in (" yes indeed", " no")]
+    calls = _spy_runs(monkeypatch)
+    got = loglik.continuation_logprobs(model, tok, pairs, batch_size=16)
+    n_multi = sum(len(encode_pair(tok, c, o)[1]) > 1 for c, o in pairs)
+    assert [(rows, cached) for rows, _, cached in calls] == [(2, False), (n_multi, True)]
+    for (ctx, cont), (lp, n) in zip(pairs, got, strict=True):
+        want, n_want = hand_logprob(model, tok, ctx, cont)
+        assert n == n_want and lp == pytest.approx(want, abs=1e-5)
+    calls.clear()
+    unshared = loglik.continuation_logprobs(model, tok, pairs, batch_size=16, share_context=False)
+    assert calls == [] and [n for _, n in unshared] == [n for _, n in got]
+    assert [lp for lp, _ in unshared] == pytest.approx([lp for lp, _ in got], abs=1e-5)
 
 
 def test_winogrande_item_scores_per_option_contexts(llama):

@@ -94,6 +94,17 @@ def _max_length(model: Any) -> int:
     return 2048
 
 
+def _sliding_window(model: Any) -> int:
+    """The attention window of a model whose (some) layers attend to the last W keys only; else a huge number."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    layer_types = getattr(config, "layer_types", None)
+    if (not isinstance(window, int) or getattr(config, "use_sliding_window", True) is False
+            or (layer_types is not None and "sliding_attention" not in layer_types)):
+        return 1 << 62
+    return window
+
+
 def _window(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int], list[int]]:
     """(model input, continuation ids): input = (ctx + cont)[:-1], cut from the left to max_length tokens.
 
@@ -157,11 +168,7 @@ def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[list[int]]]], p
     with prompt_lengths(context):
         out, is_hidden = _decoder_hidden(model, ids.to(device), mask.to(device))
     picked = out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
-    logits = _head_fp32(model.get_output_embeddings(), picked) if is_hidden else picked
-    cap = getattr(model.config, "final_logit_softcapping", None)
-    if cap:
-        logits = torch.tanh(logits / cap) * cap
-    token_lp = logits.float().log_softmax(-1).gather(-1, torch.tensor(targets, device=device)[:, None])[:, 0]
+    token_lp = _token_logprobs(model, picked, is_hidden, targets)
     sums = torch.zeros(n_conts, dtype=torch.float64, device=device)
     sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
     flat, out_rows = sums.tolist(), []
@@ -171,34 +178,148 @@ def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[list[int]]]], p
     return out_rows
 
 
+def _run_body(model: Any, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
+              cache: Any = None) -> tuple[torch.Tensor, Any, bool]:
+    """(hidden states or logits, the cache after the call, whether hidden) of one cached call of the model."""
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
+                              "use_cache": True}
+    if cache is not None:
+        kwargs["cache"] = cache
+    body = getattr(model, "base_model", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if body is not None and body is not model and head is not None:
+        out = body(**kwargs)
+        return out.last_hidden_state, out.cache, True
+    out = model(**kwargs)
+    return out.logits, out.cache, False
+
+
+def _token_logprobs(model: Any, picked: torch.Tensor, is_hidden: bool, targets: list[int]) -> torch.Tensor:
+    """log p(target) at each picked position (hidden states go through the head in fp32; soft-capping applied)."""
+    logits = _head_fp32(model.get_output_embeddings(), picked) if is_hidden else picked
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    target = torch.tensor(targets, device=picked.device)[:, None]
+    return logits.float().log_softmax(-1).gather(-1, target)[:, 0]
+
+
+def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[int]]]],
+                             pad_id: int) -> list[list[float]]:
+    """Σ log p(continuation) for every continuation of every (context ids, continuations) item: each context
+    runs once.
+
+    The contexts run left-padded (each ends at the last column, as in ``generate``'s prefill) and fill the KV
+    cache; the last context position scores every continuation's first token. The cache rows are then repeated
+    once per continuation of two or more tokens, and continuation tokens but the last run as one right-padded
+    batch on top of it (like a decode step of several tokens: position-aware methods edit the context only, prefix
+    and prompt tuning keep their prefix). Only the scored positions go through the head.
+    """
+    device = next(model.parameters()).device
+    lengths = torch.tensor([len(ctx) for ctx, _ in items])
+    width = int(lengths.max())
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for b, (ctx, _) in enumerate(items):
+        ids[b, width - len(ctx):] = torch.tensor(ctx)
+        mask[b, width - len(ctx):] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with prompt_lengths(lengths.to(device)):
+        out, cache, is_hidden = _run_body(model, ids.to(device), mask.to(device), position_ids.to(device))
+    conts = [(b, cont) for b, (_, cs) in enumerate(items) for cont in cs]
+    picked = [out[torch.tensor([b for b, _ in conts], device=device), -1]]
+    targets = [cont[0] for _, cont in conts]
+    owner = list(range(len(conts)))
+    longer = [(k, b, cont) for k, (b, cont) in enumerate(conts) if len(cont) > 1]
+    if longer:
+        rows = torch.tensor([b for _, b, _ in longer])
+        cache.batch_select_indices(rows.to(device))
+        span = max(len(cont) for _, _, cont in longer) - 1
+        cont_ids = torch.full((len(longer), span), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(longer), span), dtype=torch.long)
+        row_idx, pos_idx = [], []
+        for r, (k, _, cont) in enumerate(longer):
+            cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
+            cont_mask[r, : len(cont) - 1] = 1
+            row_idx += [r] * (len(cont) - 1)
+            pos_idx += range(len(cont) - 1)
+            targets += cont[1:]
+            owner += [k] * (len(cont) - 1)
+        full_mask = torch.cat([mask[rows], cont_mask], dim=1)
+        cont_pos = lengths[rows][:, None] + torch.arange(span)[None, :]
+        out, _, _ = _run_body(model, cont_ids.to(device), full_mask.to(device), cont_pos.to(device), cache)
+        picked.append(out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)])
+    token_lp = _token_logprobs(model, torch.cat(picked), is_hidden, targets)
+    sums = torch.zeros(len(conts), dtype=torch.float64, device=device)
+    sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
+    flat, result = sums.tolist(), []
+    for _, cs in items:
+        result.append(flat[: len(cs)])
+        flat = flat[len(cs):]
+    return result
+
+
 @torch.no_grad()
 def continuation_logprobs(
-    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
+    share_context: bool = True,
 ) -> list[tuple[float, int]]:
     """For each (context, continuation): (Σ_j log p(y_j | context, y_<j), number of continuation tokens).
 
-    Pairs are tokenised with :func:`encode_pair`. Pairs whose model inputs are identical (same context, and
-    continuations of one length that differ only in their last token) share one forward pass. Inputs are sorted
-    longest first (equal lengths share batches, and an out-of-memory error shows on the first batch),
-    right-padded and scored in eval mode; results come back in input order. Inputs longer than the model's
-    positions are cut from the left.
+    Pairs are tokenised with :func:`encode_pair`. A context scored with several continuations (the options of a
+    multiple-choice item) runs once, its KV cache shared by all of them (:func:`_shared_context_logprobs`,
+    ``batch_size`` contexts per batch). A context with one continuation runs as one sequence, context and
+    continuation together, right-padded (``batch_size`` inputs per batch); pairs whose inputs are identical share
+    that pass. Inputs that do not fit the model's positions are cut from the left and run alone as well. Batches
+    are sorted longest first (equal lengths share batches, and an out-of-memory error shows on the first batch);
+    everything runs in eval mode and results come back in input order. ``share_context=False`` runs every pair
+    as one sequence (the same numbers to rounding; ``bench/loglik_vs_lm_eval.py`` measures what sharing saves).
     """
     max_length = _max_length(model)
-    rows = [_window(*encode_pair(tokenizer, ctx, cont), max_length) for ctx, cont in pairs]
-    groups: dict[tuple[tuple[int, ...], int], list[int]] = {}
-    for i, (inp, cont) in enumerate(rows):
-        groups.setdefault((tuple(inp), len(cont)), []).append(i)
-    keys = sorted(groups, key=lambda k: -len(k[0]))
+    encoded = [encode_pair(tokenizer, ctx, cont) for ctx, cont in pairs]
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, cont) in enumerate(encoded):
+        by_context.setdefault(tuple(ctx), []).append(i)
+    shared: dict[tuple[int, ...], list[int]] = {}
+    single: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    rows: dict[int, tuple[list[int], list[int]]] = {}
+    for ctx, members in by_context.items():
+        conts = {tuple(encoded[i][1]) for i in members}
+        if share_context and len(conts) > 1 and all(len(ctx) + len(c) - 1 <= max_length for c in conts):
+            shared[ctx] = members
+            continue
+        for i in members:
+            rows[i] = inp, cont = _window(*encoded[i], max_length)
+            single.setdefault((tuple(inp), len(cont)), []).append(i)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    scores: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    scores: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    contexts = sorted(shared, key=len, reverse=True)
+    if _sliding_window(model) < max_length:
+        # left padding moves a prefix's keys (prefix / prompt tuning) further from the tokens: in a sliding window
+        # they would fall out earlier than in the unpadded sequence, so contexts run with others of their length
+        by_length: dict[int, list[tuple[int, ...]]] = {}
+        for ctx in contexts:
+            by_length.setdefault(len(ctx), []).append(ctx)
+        batches = [same[i : i + batch_size] for same in by_length.values() for i in range(0, len(same), batch_size)]
+    else:
+        batches = [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
+    inputs = sorted(single, key=lambda k: -len(k[0]))
     was_training = model.training
     model.eval()
     try:
-        for start in progress(range(0, len(keys), batch_size), "loglik"):
-            batch = keys[start : start + batch_size]
-            inputs = [(list(key[0]), [rows[i][1] for i in groups[key]]) for key in batch]
-            for key, lps in zip(batch, _batch_logprobs(model, inputs, pad_id), strict=True):
-                for i, lp in zip(groups[key], lps, strict=True):
+        for b in progress(range(len(batches)), "loglik"):
+            batch = batches[b]
+            unique = [list(dict.fromkeys(tuple(encoded[i][1]) for i in shared[ctx])) for ctx in batch]
+            items = [(list(ctx), [list(c) for c in cs]) for ctx, cs in zip(batch, unique, strict=True)]
+            for ctx, cs, lps in zip(batch, unique, _shared_context_logprobs(model, items, pad_id), strict=True):
+                lp_of = dict(zip(cs, lps, strict=True))
+                for i in shared[ctx]:
+                    scores[i] = (lp_of[tuple(encoded[i][1])], len(encoded[i][1]))
+        for start in progress(range(0, len(inputs), batch_size), "loglik"):
+            batch_keys = inputs[start : start + batch_size]
+            batch_rows = [(list(key[0]), [rows[i][1] for i in single[key]]) for key in batch_keys]
+            for key, lps in zip(batch_keys, _batch_logprobs(model, batch_rows, pad_id), strict=True):
+                for i, lp in zip(single[key], lps, strict=True):
                     scores[i] = (lp, len(rows[i][1]))
     finally:
         model.train(was_training)
@@ -206,7 +327,7 @@ def continuation_logprobs(
 
 
 def score_multiple_choice(
-    model: Any, tokenizer: Any, items: Sequence[MCItem], *, batch_size: int = 16
+    model: Any, tokenizer: Any, items: Sequence[MCItem], *, batch_size: int = 16, share_context: bool = True
 ) -> list[MCResult]:
     """Answer each item by the log-likelihood of its options (acc) and per UTF-8 byte (acc_norm).
 
@@ -215,7 +336,8 @@ def score_multiple_choice(
     """
     unique = list(dict.fromkeys(pair for item in items for pair in item.pairs))
     scored = dict(
-        zip(unique, continuation_logprobs(model, tokenizer, unique, batch_size=batch_size), strict=True)
+        zip(unique, continuation_logprobs(model, tokenizer, unique, batch_size=batch_size,
+                                          share_context=share_context), strict=True)
     )
     return [_result(item, [scored[pair][0] for pair in item.pairs]) for item in items]
 
