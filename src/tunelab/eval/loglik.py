@@ -259,6 +259,41 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
     return result
 
 
+def _plan(encoded: list[tuple[list[int], list[int]]], max_length: int, share_context: bool) -> tuple[
+        dict[tuple[int, ...], list[int]], dict[tuple[tuple[int, ...], int], list[int]],
+        dict[int, tuple[list[int], list[int]]]]:
+    """Which pairs share their context's pass: ({context: pair indices}, {(input, continuation length): pair
+    indices} for the pairs that run as one sequence, {pair index: (input, continuation)} of those)."""
+    by_context: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(encoded):
+        by_context.setdefault(tuple(ctx), []).append(i)
+    shared: dict[tuple[int, ...], list[int]] = {}
+    single: dict[tuple[tuple[int, ...], int], list[int]] = {}
+    rows: dict[int, tuple[list[int], list[int]]] = {}
+    for ctx, members in by_context.items():
+        conts = {tuple(encoded[i][1]) for i in members}
+        if share_context and len(conts) > 1 and all(len(ctx) + len(c) - 1 <= max_length for c in conts):
+            shared[ctx] = members
+            continue
+        for i in members:
+            rows[i] = inp, cont = _window(*encoded[i], max_length)
+            single.setdefault((tuple(inp), len(cont)), []).append(i)
+    return shared, single, rows
+
+
+def _context_batches(contexts: list[tuple[int, ...]], batch_size: int, *,
+                     equal_lengths: bool) -> list[list[tuple[int, ...]]]:
+    """Batches of ``batch_size`` contexts (sorted longest first); with ``equal_lengths`` only contexts of one length
+    share a batch. That is for sliding-window models: left padding moves a prefix's keys (prefix / prompt tuning)
+    further from the tokens, so they would fall out of the window earlier than in the unpadded sequence."""
+    if not equal_lengths:
+        return [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
+    by_length: dict[int, list[tuple[int, ...]]] = {}
+    for ctx in contexts:
+        by_length.setdefault(len(ctx), []).append(ctx)
+    return [same[i : i + batch_size] for same in by_length.values() for i in range(0, len(same), batch_size)]
+
+
 @torch.no_grad()
 def continuation_logprobs(
     model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
@@ -277,32 +312,11 @@ def continuation_logprobs(
     """
     max_length = _max_length(model)
     encoded = [encode_pair(tokenizer, ctx, cont) for ctx, cont in pairs]
-    by_context: dict[tuple[int, ...], list[int]] = {}
-    for i, (ctx, cont) in enumerate(encoded):
-        by_context.setdefault(tuple(ctx), []).append(i)
-    shared: dict[tuple[int, ...], list[int]] = {}
-    single: dict[tuple[tuple[int, ...], int], list[int]] = {}
-    rows: dict[int, tuple[list[int], list[int]]] = {}
-    for ctx, members in by_context.items():
-        conts = {tuple(encoded[i][1]) for i in members}
-        if share_context and len(conts) > 1 and all(len(ctx) + len(c) - 1 <= max_length for c in conts):
-            shared[ctx] = members
-            continue
-        for i in members:
-            rows[i] = inp, cont = _window(*encoded[i], max_length)
-            single.setdefault((tuple(inp), len(cont)), []).append(i)
+    shared, single, rows = _plan(encoded, max_length, share_context)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    contexts = sorted(shared, key=len, reverse=True)
-    if _sliding_window(model) < max_length:
-        # left padding moves a prefix's keys (prefix / prompt tuning) further from the tokens: in a sliding window
-        # they would fall out earlier than in the unpadded sequence, so contexts run with others of their length
-        by_length: dict[int, list[tuple[int, ...]]] = {}
-        for ctx in contexts:
-            by_length.setdefault(len(ctx), []).append(ctx)
-        batches = [same[i : i + batch_size] for same in by_length.values() for i in range(0, len(same), batch_size)]
-    else:
-        batches = [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
+    batches = _context_batches(sorted(shared, key=len, reverse=True), batch_size,
+                               equal_lengths=_sliding_window(model) < max_length)
     inputs = sorted(single, key=lambda k: -len(k[0]))
     was_training = model.training
     model.eval()
