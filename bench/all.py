@@ -39,7 +39,7 @@ BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
      ["--steps", "4", "--warmup", "1", "--only", "tunelab-mask-0.1%,naive-mask-0.1%", "--wait-idle", "20"]),
     ("quant-bench", "quant_bench.py", [],
      ["--steps", "4", "--warmup", "1", "--only", "memory,train-lora-bf16,train-qlora-nf4", "--wait-idle", "20"]),
-    ("eval-throughput", "eval_throughput.py", [], ["--prompts", "16", "--max-new-tokens", "16"]),
+    ("eval-throughput", "eval_throughput.py", [], ["--prompts", "16", "--max-new-tokens", "16", "--no-one-at-a-time"]),
     ("loglik-vs-lm-eval", "loglik_vs_lm_eval.py", [], ["--items", "100", "--repeats", "1"]),
     ("long-sequences", "long_sequences.py", [], None),
     ("optimizer-states", "optimizer_states.py", [], None),

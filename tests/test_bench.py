@@ -12,7 +12,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 SCRIPTS = ["train_throughput", "distributed", "reft_throughput", "masking_throughput", "quant_bench", "tables",
-           "long_sequences", "loglik_vs_lm_eval", "all"]
+           "long_sequences", "loglik_vs_lm_eval", "eval_throughput", "all"]
 
 
 @pytest.fixture
