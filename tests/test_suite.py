@@ -142,6 +142,11 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
 
     assert {r.metrics.get("commit") for r in rows} == {commit()}
     assert result["meta"]["unit_commits"] == {commit() or "unrecorded": len(rows)}
+    # the header states the runtime: every finished unit's wall time, per phase
+    rt = result["meta"]["runtime"]
+    assert {k: v["units"] for k, v in rt["phases"].items()} == {"base": 1, "final": 2, "search": 2 + len(extended)}
+    assert rt["pending"] == 0 and rt["hours"] == pytest.approx(sum(r.seconds for r in rows) / 3600, abs=0.02)
+    assert "Runtime so far:" in table
     assert (report / "chart.png").stat().st_size > 1000
     # a second run trains and evaluates nothing: every unit is read from the store
     capsys.readouterr()

@@ -322,6 +322,34 @@ def _unit_commits(store: Store) -> dict[str, int]:
     return counts
 
 
+def runtime(store: Store) -> dict[str, Any]:
+    """Unit wall time of the study so far, per phase: {"phases": {phase: {"units", "hours"}}, "hours", "pending",
+    "failed"} (finished units of the current grid; a unit's time is its whole run: training and evaluation)."""
+    phases: dict[str, dict[str, float]] = {}
+    pending = failed = 0
+    for r in store.rows():
+        if r.status == "done":
+            p = phases.setdefault(str(r.factors.get("phase", "?")), {"units": 0, "hours": 0.0})
+            p["units"] += 1
+            p["hours"] += (r.seconds or 0.0) / 3600
+        elif r.status == "failed":
+            failed += 1
+        else:
+            pending += 1
+    for p in phases.values():
+        p["hours"] = round(p["hours"], 2)
+    return {"phases": phases, "hours": round(sum(p["hours"] for p in phases.values()), 2), "pending": pending,
+            "failed": failed}
+
+
+def _runtime_line(rt: dict[str, Any]) -> str:
+    parts = ", ".join(f"{name} {p['units']} units {p['hours']:.1f} h" for name, p in sorted(rt["phases"].items()))
+    line = f"Runtime so far: {rt['hours']:.1f} h of unit wall time ({parts})"
+    if rt["pending"] or rt["failed"]:
+        line += f"; {rt['pending']} units not yet run" + (f", {rt['failed']} failed" if rt["failed"] else "")
+    return line + " — units that shared the machine ran slower."
+
+
 def write_report(run: Any, store: Store, folder: Path | None = None, command: str | None = None) -> Path:
     """OUT/report/ (or ``folder``): results.json, table.md, chart.png, report.html (table and chart in one
     self-contained page)."""
@@ -330,7 +358,7 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
     result["meta"] = {"command": command or f"tunelab suite {run.source} --scale {run.scale_name}",
                       "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                       "data": json.loads((run.out / "data" / "info.json").read_text()),
-                      "unit_commits": _unit_commits(store)}
+                      "unit_commits": _unit_commits(store), "runtime": runtime(store)}
     sets = run.cfg.eval.sets
     m = result["meta"]
     header = (f"# {run.cfg.name} — scale {run.scale_name}\n\n"
@@ -338,6 +366,7 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
               f"{m['machine']['cores']} cores, torch {m['machine']['torch']}) · {m['date']} · "
               f"{m['data']['train']} training / {m['data']['dev']} dev records · units run at "
               + ", ".join(f"{c} ({n})" for c, n in m["unit_commits"].items()) + "\n\n"
+              + _runtime_line(m["runtime"]) + "\n\n"
               "Accuracy in % with its 95% interval over seeds × items; ⚠ = fails the protocol's collapse check; "
               "Δ base: paired difference to the base row (task-stratified bootstrap, 95%).")
     removed = result.get("removed_overlap") or {}
