@@ -239,15 +239,20 @@ def test_options_differing_in_their_last_token_need_the_context_pass_only(llama,
 
 
 def test_a_shared_context_runs_once_for_all_its_options(llama, monkeypatch):
-    """Two items of several multi-token options each: one left-padded pass over the two contexts, one cached pass
-    over every option; each score equals the hand-computed full-sequence oracle."""
+    """Two items of several multi-token options each: one left-padded pass over the two contexts, cached passes
+    over the options; each score equals the hand-computed full-sequence oracle."""
     model, tok = llama
     pairs = [("Question: Which one floats?\nAnswer:", o) for o in (" a wooden stick", " iron", " a stone wall")]
     pairs += [("Q: longer context here, with more words in it to pad?\nA:", o) for o in (" yes indeed", " no")]
     calls = _spy_runs(monkeypatch)
     got = loglik.continuation_logprobs(model, tok, pairs, batch_size=16)
     n_multi = sum(len(encode_pair(tok, c, o)[1]) > 1 for c, o in pairs)
-    assert [(rows, cached) for rows, _, cached in calls] == [(2, False), (n_multi, True)]
+    # one pass over the two contexts, then the options in chunks of at most two rows (as many as there are
+    # contexts), longest first
+    assert calls[0][0] == 2 and not calls[0][2]
+    chunks = calls[1:]
+    assert all(cached and rows <= 2 for rows, _, cached in chunks) and sum(r for r, _, _ in chunks) == n_multi
+    assert [w for _, w, _ in chunks] == sorted((w for _, w, _ in chunks), reverse=True)
     for (ctx, cont), (lp, n) in zip(pairs, got, strict=True):
         want, n_want = hand_logprob(model, tok, ctx, cont)
         assert n == n_want and lp == pytest.approx(want, abs=1e-5)

@@ -18,6 +18,7 @@ not depend on the tokenizer, so it compares models with different vocabularies f
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -204,16 +205,26 @@ def _token_logprobs(model: Any, picked: torch.Tensor, is_hidden: bool, targets: 
     return logits.float().log_softmax(-1).gather(-1, target)[:, 0]
 
 
+def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
+    """A cache holding rows ``rows`` of ``cache``, which stays as it is (its layers are copied, not their tensors:
+    selecting rows makes new tensors). Everything else the cache carries is kept (e.g. prefix tuning's mark)."""
+    part = copy.copy(cache)
+    part.layers = [copy.copy(layer) for layer in cache.layers]
+    part.batch_select_indices(rows)
+    return part
+
+
 def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[int]]]],
                              pad_id: int) -> list[list[float]]:
     """Σ log p(continuation) for every continuation of every (context ids, continuations) item: each context
     runs once.
 
     The contexts run left-padded (each ends at the last column, as in ``generate``'s prefill) and fill the KV
-    cache; the last context position scores every continuation's first token. The cache rows are then repeated
-    once per continuation of two or more tokens, and continuation tokens but the last run as one right-padded
-    batch on top of it (like a decode step of several tokens: position-aware methods edit the context only, prefix
-    and prompt tuning keep their prefix). Only the scored positions go through the head.
+    cache; the last context position scores every continuation's first token. The continuations of two or more
+    tokens are then sorted by length and run, their tokens but the last, in right-padded chunks of as many rows as
+    there are contexts, each on a copy of the cache with one row per continuation (like a decode step of several
+    tokens: position-aware methods edit the context only, prefix and prompt tuning keep their prefix). Only the
+    scored positions go through the head.
     """
     device = next(model.parameters()).device
     lengths = torch.tensor([len(ctx) for ctx, _ in items])
@@ -230,15 +241,15 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
     picked = [out[torch.tensor([b for b, _ in conts], device=device), -1]]
     targets = [cont[0] for _, cont in conts]
     owner = list(range(len(conts)))
-    longer = [(k, b, cont) for k, (b, cont) in enumerate(conts) if len(cont) > 1]
-    if longer:
-        rows = torch.tensor([b for _, b, _ in longer])
-        cache.batch_select_indices(rows.to(device))
-        span = max(len(cont) for _, _, cont in longer) - 1
-        cont_ids = torch.full((len(longer), span), pad_id, dtype=torch.long)
-        cont_mask = torch.zeros((len(longer), span), dtype=torch.long)
+    longer = sorted(((k, b, cont) for k, (b, cont) in enumerate(conts) if len(cont) > 1), key=lambda x: -len(x[2]))
+    for start in range(0, len(longer), len(items)):  # options of similar length together: little padding
+        chunk = longer[start : start + len(items)]
+        rows = torch.tensor([b for _, b, _ in chunk])
+        span = len(chunk[0][2]) - 1
+        cont_ids = torch.full((len(chunk), span), pad_id, dtype=torch.long)
+        cont_mask = torch.zeros((len(chunk), span), dtype=torch.long)
         row_idx, pos_idx = [], []
-        for r, (k, _, cont) in enumerate(longer):
+        for r, (k, _, cont) in enumerate(chunk):
             cont_ids[r, : len(cont) - 1] = torch.tensor(cont[:-1])
             cont_mask[r, : len(cont) - 1] = 1
             row_idx += [r] * (len(cont) - 1)
@@ -247,7 +258,8 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
             owner += [k] * (len(cont) - 1)
         full_mask = torch.cat([mask[rows], cont_mask], dim=1)
         cont_pos = lengths[rows][:, None] + torch.arange(span)[None, :]
-        out, _, _ = _run_body(model, cont_ids.to(device), full_mask.to(device), cont_pos.to(device), cache)
+        out, _, _ = _run_body(model, cont_ids.to(device), full_mask.to(device), cont_pos.to(device),
+                              _cache_rows(cache, rows.to(device)))
         picked.append(out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)])
     token_lp = _token_logprobs(model, torch.cat(picked), is_hidden, targets)
     sums = torch.zeros(len(conts), dtype=torch.float64, device=device)
