@@ -7,7 +7,8 @@ Every mode decodes the same chat-template prompts (the four synthetic tasks) gre
 ``tunelab.eval.generate.generate_ids`` (transformers' ``generate``, prompts sorted by length and left-padded). A mode
 is DTYPE:BATCH. The reference is fp32 one prompt at a time (``--no-one-at-a-time`` skips it and takes the first
 fp32 mode instead): fp32 batched outputs must equal it exactly; bf16 outputs are compared with it and their agreement
-(identical texts) is reported, since bf16 rounding can flip a greedy choice and everything after it. Writes JSON
+(identical texts) is reported, since bf16 rounding can flip a greedy choice and everything after it, with each mode's
+accuracy on the tasks (the first line equals the gold: the ``exact`` parser), which says whether the flips matter. Writes JSON
 (bench/results/eval-throughput-DATE-COMMIT.json, and stdout): generated tokens/s per mode, the ratios against fp32
 at batch 16 (the issue-18 baseline, 52.8 tokens/s on 2026-11-28) and against one-at-a-time, the agreement, and the
 machine's bf16 units (bf16 is emulated and slow on CPUs without them).
@@ -51,6 +52,7 @@ def main() -> int:
 
     from tunelab.data import encode_prompts, generate
     from tunelab.eval.generate import GenerationSettings, generate_ids
+    from tunelab.eval.parsers import parse_exact
     from tunelab.models import load_model
 
     plan = ([("one_at_a_time", "fp32", 1)] if not args.no_one_at_a_time else [])
@@ -71,8 +73,9 @@ def main() -> int:
         dt = time.perf_counter() - t0
         n = sum(g.n_tokens for g in gens)
         outputs[name] = [g.text for g in gens]
+        right = sum(parse_exact(g.text) == r.output.strip() for g, r in zip(gens, records, strict=True))
         results[name] = {"dtype": dtype, "batch_size": bs, "seconds": round(dt, 2), "generated_tokens": n,
-                         "tokens_per_s": round(n / dt, 1)}
+                         "tokens_per_s": round(n / dt, 1), "accuracy": round(right / len(records), 4)}
         log(f"{name}: {n} tokens in {dt:.1f} s ({n / dt:.1f} tokens/s)")
     reference = "one_at_a_time" if "one_at_a_time" in outputs else next(
         (n for n, d, _ in plan if d == "fp32"), plan[0][0])
