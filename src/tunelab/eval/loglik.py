@@ -169,14 +169,19 @@ def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[list[int]]]], p
     with prompt_lengths(context):
         out, is_hidden = _decoder_hidden(model, ids.to(device), mask.to(device))
     picked = out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
-    token_lp = _token_logprobs(model, picked, is_hidden, targets)
-    sums = torch.zeros(n_conts, dtype=torch.float64, device=device)
-    sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
-    flat, out_rows = sums.tolist(), []
-    for _, conts in rows:
-        out_rows.append(flat[: len(conts)])
-        flat = flat[len(conts):]
-    return out_rows
+    return _sums_per_row(_token_logprobs(model, picked, is_hidden, targets), owner, [len(c) for _, c in rows])
+
+
+def _sums_per_row(token_lp: torch.Tensor, owner: list[int], per_row: list[int]) -> list[list[float]]:
+    """Σ of each continuation's token log-probabilities (``owner``: the continuation of each scored token, in
+    order), split into the rows' lists (``per_row``: how many continuations each row has)."""
+    sums = torch.zeros(sum(per_row), dtype=torch.float64, device=token_lp.device)
+    sums.index_add_(0, torch.tensor(owner, device=token_lp.device), token_lp.double())
+    flat, out = sums.tolist(), []
+    for n in per_row:
+        out.append(flat[:n])
+        flat = flat[n:]
+    return out
 
 
 def _run_body(model: Any, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
@@ -261,14 +266,8 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
         out, _, _ = _run_body(model, cont_ids.to(device), full_mask.to(device), cont_pos.to(device),
                               _cache_rows(cache, rows.to(device)))
         picked.append(out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)])
-    token_lp = _token_logprobs(model, torch.cat(picked), is_hidden, targets)
-    sums = torch.zeros(len(conts), dtype=torch.float64, device=device)
-    sums.index_add_(0, torch.tensor(owner, device=device), token_lp.double())
-    flat, result = sums.tolist(), []
-    for _, cs in items:
-        result.append(flat[: len(cs)])
-        flat = flat[len(cs):]
-    return result
+    return _sums_per_row(_token_logprobs(model, torch.cat(picked), is_hidden, targets), owner,
+                         [len(cs) for _, cs in items])
 
 
 def _plan(encoded: list[tuple[list[int], list[int]]], max_length: int, share_context: bool) -> tuple[
