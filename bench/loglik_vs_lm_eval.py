@@ -1,7 +1,7 @@
 """Log-likelihood multiple-choice scoring against lm-evaluation-harness on the same ARC-Easy items.
 
     python bench/loglik_vs_lm_eval.py [--data-dir ../shared/data/llm-adapters] [--items 500] [--repeats 3]
-                                      [--batch-size 16] [--dtype fp32]
+                                      [--batch-size 16] [--dtype fp32] [--overheads 0,16,256]
 
 Both score the same (context, option) strings with the same model object in the same process: the first N
 ARC-Easy test items as tunelab builds them ("Question: <stem>\\nAnswer:" and " <option text>",
@@ -11,7 +11,11 @@ folder: ``dataset_path: json``, ``target_delimiter: ""``, so its continuations a
 
 * ``lm-eval``: the whole ``simple_evaluate`` call, and its ``loglikelihood`` call alone;
 * ``tunelab``: ``score_multiple_choice`` (each context run once, its KV cache shared by its options);
-* ``tunelab-unshared``: the same with ``share_context=False`` (every pair one sequence: what sharing saves).
+* ``tunelab-unshared``: the same with ``share_context=False`` (every pair one sequence: what sharing saves);
+* ``tunelab@overhead=N`` (``--overheads N,...``): the shared path with another value of the call cost that splits
+  the option passes (``loglik.CALL_OVERHEAD_POSITIONS``), to calibrate it.
+
+Each tunelab row also records its model calls and the padded positions they ran.
 
 Reported: seconds (median over repeats), items/s, the speed ratios, acc and acc_norm of each, and the per-item
 agreement of the predictions. lm-eval's acc_norm divides by the option's characters, tunelab's by its UTF-8 bytes
@@ -90,15 +94,30 @@ def _run_lm_eval(model, tok, folder: Path, batch_size: int) -> dict:
             "acc_norm": metrics["acc_norm,none"], "preds": preds}
 
 
-def _run_tunelab(model, tok, items: list, batch_size: int, share: bool) -> dict:
-    from tunelab.eval.loglik import score_multiple_choice, summarize
+def _run_tunelab(model, tok, items: list, batch_size: int, share: bool, overhead: int | None = None) -> dict:
+    """One timed scoring; also counts the model calls and the (padded) positions they ran."""
+    from tunelab.eval import loglik
 
-    t0 = time.perf_counter()
-    results = score_multiple_choice(model, tok, items, batch_size=batch_size, share_context=share)
-    seconds = time.perf_counter() - t0
-    s = summarize(results)
+    real_body, real_overhead = loglik._run_body, loglik.CALL_OVERHEAD_POSITIONS
+    counts = {"calls": 0, "positions": 0}
+
+    def counted(model, ids, *a, **kw):
+        counts["calls"] += 1
+        counts["positions"] += ids.numel()
+        return real_body(model, ids, *a, **kw)
+
+    loglik._run_body = counted
+    if overhead is not None:
+        loglik.CALL_OVERHEAD_POSITIONS = overhead
+    try:
+        t0 = time.perf_counter()
+        results = loglik.score_multiple_choice(model, tok, items, batch_size=batch_size, share_context=share)
+        seconds = time.perf_counter() - t0
+    finally:
+        loglik._run_body, loglik.CALL_OVERHEAD_POSITIONS = real_body, real_overhead
+    s = loglik.summarize(results)
     return {"seconds": seconds, "acc": s["accuracy"], "acc_norm": s["accuracy_norm"],
-            "preds": [r.pred for r in results]}
+            "preds": [r.pred for r in results], **counts}
 
 
 def main() -> int:
@@ -109,6 +128,9 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--dtype", default="fp32")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--overheads", default="",
+                    help="comma-separated values of loglik.CALL_OVERHEAD_POSITIONS to time as extra shared rows "
+                         "(tunelab@overhead=N): how the option passes' split was calibrated")
     ap.add_argument("--out", type=Path, help="default: bench/results/loglik-vs-lm-eval-DATE-COMMIT.json")
     args = ap.parse_args()
     if not (args.data_dir / "ARC-Easy" / "test.json").is_file():
@@ -123,11 +145,14 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    from tunelab.eval.loglik import CALL_OVERHEAD_POSITIONS
     from tunelab.models import load_model
 
     model, tok = load_model(args.model, args.dtype)
     items = _items(args.data_dir, args.items)
     runs: dict[str, list[dict]] = {"lm-eval": [], "tunelab": [], "tunelab-unshared": []}
+    overheads = {f"tunelab@overhead={v}": int(v) for v in args.overheads.split(",") if v.strip()}
+    runs.update({name: [] for name in overheads})
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         _write_task(folder, items)
@@ -138,13 +163,16 @@ def main() -> int:
                 if name == "lm-eval":
                     runs[name].append(_run_lm_eval(model, tok, folder, args.batch_size))
                 else:
-                    runs[name].append(_run_tunelab(model, tok, items, args.batch_size, name == "tunelab"))
+                    runs[name].append(_run_tunelab(model, tok, items, args.batch_size, name != "tunelab-unshared",
+                                                   overheads.get(name)))
     rows = {}
     for name, reps in runs.items():
         sec = statistics.median(x["seconds"] for x in reps)
         row = {"seconds_median": round(sec, 2), "seconds": [round(x["seconds"], 2) for x in reps],
                "items_per_s": round(len(items) / sec, 1), "acc": reps[0]["acc"], "acc_norm": reps[0]["acc_norm"],
                "same_predictions_every_repeat": all(x["preds"] == reps[0]["preds"] for x in reps)}
+        if name != "lm-eval":
+            row["model_calls"], row["model_positions_padded"] = reps[0]["calls"], reps[0]["positions"]
         if name == "lm-eval":
             row["loglikelihood_seconds_median"] = round(statistics.median(x["loglikelihood_seconds"] for x in reps), 2)
         rows[name] = row
@@ -153,6 +181,7 @@ def main() -> int:
     report = {
         "benchmark": "loglik_vs_lm_eval", "model": args.model, "dtype": args.dtype, "items": len(items),
         "options": sum(len(it.options) for it in items), "batch_size": args.batch_size, "repeats": args.repeats,
+        "call_overhead_positions": CALL_OVERHEAD_POSITIONS,
         "rows": rows,
         "speedup_vs_lm_eval": round(rows["lm-eval"]["seconds_median"] / ours, 2),
         "speedup_vs_lm_eval_loglikelihood_only": round(rows["lm-eval"]["loglikelihood_seconds_median"] / ours, 2),

@@ -210,14 +210,19 @@ def test_identical_pairs_are_scored_once(llama, monkeypatch):
     assert results[0] == results[1] == results[2]
 
 
-def _spy_runs(monkeypatch) -> list[tuple[int, int, bool]]:
-    """(rows, columns, with a cache) of every model call the shared-context path makes."""
+def _spy_runs(monkeypatch, uncached: list | None = None) -> list[tuple[int, int, bool]]:
+    """(rows, columns, with a cache) of every model call the shared-context path makes; the one-sequence path's
+    calls (no cache kept) go to ``uncached`` when given, else fail the test."""
     calls: list[tuple[int, int, bool]] = []
     real = loglik._run_body
 
-    def spy(model, ids, mask, position_ids, cache=None):
-        calls.append((ids.shape[0], ids.shape[1], cache is not None))
-        return real(model, ids, mask, position_ids, cache)
+    def spy(model, ids, mask, position_ids=None, cache=None, *, use_cache=True):
+        if not use_cache:
+            assert uncached is not None, "a pair ran as one sequence where its context should have been shared"
+            uncached.append(tuple(ids.shape))
+        else:
+            calls.append((ids.shape[0], ids.shape[1], cache is not None))
+        return real(model, ids, mask, position_ids, cache, use_cache=use_cache)
 
     monkeypatch.setattr(loglik, "_run_body", spy)
     return calls
@@ -247,19 +252,48 @@ def test_a_shared_context_runs_once_for_all_its_options(llama, monkeypatch):
     calls = _spy_runs(monkeypatch)
     got = loglik.continuation_logprobs(model, tok, pairs, batch_size=16)
     n_multi = sum(len(encode_pair(tok, c, o)[1]) > 1 for c, o in pairs)
-    # one pass over the two contexts, then the options in chunks of at most two rows (as many as there are
-    # contexts), longest first
+    # one pass over the two contexts, then the options longest first, in the chunks _option_chunks chose
     assert calls[0][0] == 2 and not calls[0][2]
     chunks = calls[1:]
-    assert all(cached and rows <= 2 for rows, _, cached in chunks) and sum(r for r, _, _ in chunks) == n_multi
-    assert [w for _, w, _ in chunks] == sorted((w for _, w, _ in chunks), reverse=True)
+    spans = sorted((len(encode_pair(tok, c, o)[1]) - 1 for c, o in pairs if len(encode_pair(tok, c, o)[1]) > 1),
+                   reverse=True)
+    want_chunks = [(stop - start, spans[start]) for start, stop in loglik._option_chunks(spans)]
+    assert all(cached for _, _, cached in chunks) and [(r, w) for r, w, _ in chunks] == want_chunks
+    assert sum(r for r, _, _ in chunks) == n_multi
     for (ctx, cont), (lp, n) in zip(pairs, got, strict=True):
         want, n_want = hand_logprob(model, tok, ctx, cont)
         assert n == n_want and lp == pytest.approx(want, abs=1e-5)
     calls.clear()
+    uncached: list = []
+    monkeypatch.undo()
+    _spy_runs(monkeypatch, uncached)
     unshared = loglik.continuation_logprobs(model, tok, pairs, batch_size=16, share_context=False)
-    assert calls == [] and [n for _, n in unshared] == [n for _, n in got]
+    assert calls == [] and len(uncached) == 1 and [n for _, n in unshared] == [n for _, n in got]
     assert [lp for lp, _ in unshared] == pytest.approx([lp for lp, _ in got], abs=1e-5)
+
+
+def test_option_chunks_minimise_calls_plus_padded_positions():
+    assert loglik._option_chunks([]) == []
+    assert loglik._option_chunks([3, 3, 3, 3], overhead=64) == [(0, 4)]  # alike: one pass, no padding
+    # one long option among many short ones: alone it costs 64 + 40; with the others padding would cost 20 x 40
+    assert loglik._option_chunks([40] + [2] * 19, overhead=64) == [(0, 1), (1, 20)]
+    assert loglik._option_chunks([5, 4, 3, 2], overhead=0) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # padding only
+    # against every split by brute force
+    import itertools
+    spans = [9, 7, 7, 4, 3, 3, 2, 1]
+
+    def cost(cuts):
+        bounds = [0, *cuts, len(spans)]
+        return sum(10 + (b - a) * spans[a] for a, b in itertools.pairwise(bounds))
+
+    best = min(cost(c) for k in range(len(spans)) for c in itertools.combinations(range(1, len(spans)), k))
+    chunks = loglik._option_chunks(spans, overhead=10)
+    assert cost([a for a, _ in chunks[1:]]) == best
+    capped = loglik._option_chunks([3] * 5, overhead=64, max_rows=2)  # rows capped: three passes, not one
+    assert len(capped) == 3 and all(b - a <= 2 for a, b in capped) and capped[0][0] == 0 and capped[-1][1] == 5
+    assert all(capped[i][1] == capped[i + 1][0] for i in range(2))
+    with pytest.raises(ValueError, match="longest first"):
+        loglik._option_chunks([1, 2])
 
 
 def test_winogrande_item_scores_per_option_contexts(llama):

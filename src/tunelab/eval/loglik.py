@@ -121,15 +121,6 @@ def _window(ctx: list[int], cont: list[int], max_length: int) -> tuple[list[int]
 # --------------------------------------------------------------------------------------------- scoring
 
 
-def _decoder_hidden(model: Any, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """(hidden states, True) from the decoder body when the model has one, else (full logits, False)."""
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is not None and body is not model and head is not None:
-        return body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state, True
-    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits, False
-
-
 def _head_fp32(head: Any, hidden: torch.Tensor) -> torch.Tensor:
     """The vocabulary projection of the scored positions, in fp32 for a plain linear head whatever the model's dtype.
 
@@ -167,7 +158,7 @@ def _batch_logprobs(model: Any, rows: list[tuple[list[int], list[list[int]]]], p
     device = next(model.parameters()).device
     context = torch.tensor([len(inp) - len(conts[0]) + 1 for inp, conts in rows], device=device)  # prompt span
     with prompt_lengths(context):
-        out, is_hidden = _decoder_hidden(model, ids.to(device), mask.to(device))
+        out, _, is_hidden = _run_body(model, ids.to(device), mask.to(device), use_cache=False)
     picked = out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)]
     return _sums_per_row(_token_logprobs(model, picked, is_hidden, targets), owner, [len(c) for _, c in rows])
 
@@ -184,20 +175,22 @@ def _sums_per_row(token_lp: torch.Tensor, owner: list[int], per_row: list[int]) 
     return out
 
 
-def _run_body(model: Any, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor,
-              cache: Any = None) -> tuple[torch.Tensor, Any, bool]:
-    """(hidden states or logits, the cache after the call, whether hidden) of one cached call of the model."""
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids,
-                              "use_cache": True}
+def _run_body(model: Any, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None,
+              cache: Any = None, *, use_cache: bool = True) -> tuple[torch.Tensor, Any, bool]:
+    """(hidden states, the cache after the call, True) from the decoder body when the model has one (only the
+    scored positions then go through the head), else (full logits, the cache, False)."""
+    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": use_cache}
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
     if cache is not None:
         kwargs["cache"] = cache
     body = getattr(model, "base_model", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if body is not None and body is not model and head is not None:
         out = body(**kwargs)
-        return out.last_hidden_state, out.cache, True
+        return out.last_hidden_state, getattr(out, "cache", None), True
     out = model(**kwargs)
-    return out.logits, out.cache, False
+    return out.logits, getattr(out, "cache", None), False
 
 
 def _token_logprobs(model: Any, picked: torch.Tensor, is_hidden: bool, targets: list[int]) -> torch.Tensor:
@@ -219,6 +212,42 @@ def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
     return part
 
 
+# A model call's fixed cost in token positions: the Python and kernel-launch overhead of one pass through every
+# layer plus the lower matmul efficiency of few rows, against which a chunk's padded positions are weighed when the
+# options are split into cached passes (see _option_chunks; measured with bench/loglik_vs_lm_eval.py).
+CALL_OVERHEAD_POSITIONS = 64
+# A pass over the options holds a copy of the context cache per row: at most this many context positions in all
+# (rows × the batch's context width), or one row per context when the contexts are longer than that allows.
+CACHE_ROW_POSITIONS = 8192
+
+
+def _option_chunks(spans: Sequence[int], overhead: int | None = None,
+                   max_rows: int | None = None) -> list[tuple[int, int]]:
+    """Split options sorted longest first (``spans``: the positions each needs) into consecutive chunks, each run as
+    one right-padded pass: [(start, stop)], minimising Σ (overhead + rows × the chunk's longest span) exactly
+    (dynamic programming over the split points), with at most ``max_rows`` rows per chunk (each row holds a copy of
+    its context's cache). Few long options and many short ones give few chunks with little padding; one chunk
+    holding all is the answer when the spans are alike. ``overhead``: default :data:`CALL_OVERHEAD_POSITIONS` (read
+    at call time)."""
+    overhead = CALL_OVERHEAD_POSITIONS if overhead is None else overhead
+    n = len(spans)
+    max_rows = n if max_rows is None else max(1, max_rows)
+    if any(spans[i] < spans[i + 1] for i in range(n - 1)):
+        raise ValueError("spans must be sorted longest first")
+    best = [0.0] + [float("inf")] * n  # best[j]: the cheapest split of the first j options
+    cut = [0] * (n + 1)
+    for stop in range(1, n + 1):
+        for start in range(max(0, stop - max_rows), stop):
+            cost = best[start] + overhead + (stop - start) * spans[start]
+            if cost < best[stop]:
+                best[stop], cut[stop] = cost, start
+    chunks, stop = [], n
+    while stop:
+        chunks.append((cut[stop], stop))
+        stop = cut[stop]
+    return chunks[::-1]
+
+
 def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[int]]]],
                              pad_id: int) -> list[list[float]]:
     """Σ log p(continuation) for every continuation of every (context ids, continuations) item: each context
@@ -226,10 +255,10 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
 
     The contexts run left-padded (each ends at the last column, as in ``generate``'s prefill) and fill the KV
     cache; the last context position scores every continuation's first token. The continuations of two or more
-    tokens are then sorted by length and run, their tokens but the last, in right-padded chunks of as many rows as
-    there are contexts, each on a copy of the cache with one row per continuation (like a decode step of several
-    tokens: position-aware methods edit the context only, prefix and prompt tuning keep their prefix). Only the
-    scored positions go through the head.
+    tokens are then sorted by length and run, their tokens but the last, in right-padded chunks (split where a
+    call's fixed cost outweighs the padding saved: :func:`_option_chunks`), each on a copy of the cache with one
+    row per continuation (like a decode step of several tokens: position-aware methods edit the context only,
+    prefix and prompt tuning keep their prefix). Only the scored positions go through the head.
     """
     device = next(model.parameters()).device
     lengths = torch.tensor([len(ctx) for ctx, _ in items])
@@ -247,8 +276,10 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
     targets = [cont[0] for _, cont in conts]
     owner = list(range(len(conts)))
     longer = sorted(((k, b, cont) for k, (b, cont) in enumerate(conts) if len(cont) > 1), key=lambda x: -len(x[2]))
-    for start in range(0, len(longer), len(items)):  # options of similar length together: little padding
-        chunk = longer[start : start + len(items)]
+    # rows per pass: the cache copies of at most CACHE_ROW_POSITIONS context positions, or as many rows as contexts
+    max_rows = max(len(items), CACHE_ROW_POSITIONS // width)
+    for start, stop in _option_chunks([len(cont) - 1 for _, _, cont in longer], max_rows=max_rows):
+        chunk = longer[start:stop]
         rows = torch.tensor([b for _, b, _ in chunk])
         span = len(chunk[0][2]) - 1
         cont_ids = torch.full((len(chunk), span), pad_id, dtype=torch.long)
