@@ -57,6 +57,54 @@ def test_beam_search_runs_and_stop_strings_cut():
     assert cut_at_stop("abc", ["", "zz"]) == "abc"
 
 
+def test_stop_strings_end_rows_at_the_stop():
+    """A row stops at the token whose text completes a stop string (and leaves the batch): its text is the output
+    generated without stop strings cut at the first stop, and its token count ends at that token.
+    (transformers' ``generate`` also matches stop strings that begin in the prompt: prompt "hi", stop "ii" ends
+    its row after one "i", whose cut text is then "i" where the generated text "ii..." cut at "ii" is empty.)"""
+    model, tok = tiny()
+    prompts = _prompts(tok)
+    plain = generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=12, engine="transformers"))
+    stop = [plain[1].text[3:5]]  # from the middle of a row's output, so at least that row stops early
+    assert stop[0].strip()
+    got = generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=12, stop=stop))
+    assert [g.text for g in got] == [cut_at_stop(g.text, stop) for g in plain]
+    assert got[1].n_tokens < plain[1].n_tokens
+    for g, full, p in zip(got, plain, prompts, strict=True):
+        if stop[0] in full.text:  # the first prefix of the output that holds the stop
+            ids = generate_ids(model, tok, [p], GenerationSettings(max_new_tokens=g.n_tokens, engine="transformers"))
+            shorter = generate_ids(model, tok, [p], GenerationSettings(max_new_tokens=g.n_tokens - 1,
+                                                                       engine="transformers"))
+            assert stop[0] in ids[0].text and stop[0] not in shorter[0].text
+        else:
+            assert g.n_tokens == full.n_tokens
+
+
+def test_engine_choice_and_its_errors(monkeypatch):
+    from tunelab.eval import generate as gen
+
+    model, tok = tiny()
+    prompts = _prompts(tok, 3)
+    calls = []
+    real = model.generate
+    monkeypatch.setattr(model, "generate", lambda **kw: calls.append(kw) or real(**kw))
+    generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=4))
+    assert calls == []  # greedy: tunelab's loop
+    generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=4, num_beams=2))
+    assert len(calls) == 1  # beam search: transformers
+    with pytest.raises(ValueError, match="beam search runs with engine 'transformers'"):
+        gen._own_loop_applies(model, GenerationSettings(num_beams=2, engine="tunelab"))
+    with pytest.raises(ValueError, match="generation engine 'fast'"):
+        gen._own_loop_applies(model, GenerationSettings(engine="fast"))
+    model.generation_config.repetition_penalty = 1.3  # a logit processor: auto leaves it to generate
+    assert not gen._own_loop_applies(model, GenerationSettings())
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        gen._own_loop_applies(model, GenerationSettings(engine="tunelab"))
+    calls.clear()
+    generate_ids(model, tok, prompts, GenerationSettings(max_new_tokens=4))
+    assert len(calls) == 1
+
+
 def test_every_builtin_task_validates():
     tasks = discover_tasks()
     assert {"gsm8k", "svamp", "addsub", "multiarith", "singleeq", "aqua", "mawps", "boolq", "piqa", "siqa",

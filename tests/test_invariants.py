@@ -434,3 +434,31 @@ def test_shared_context_scoring_equals_scoring_alone(row, arch, device):
     for (a, n), (b, m) in zip(together, alone, strict=True):
         assert n == m
         assert a == pytest.approx(b, abs=max(row.atol, 1e-5) * 10 * n)
+
+
+GEN_PROMPTS = ["The cat sat on", "A much longer prompt, one that needs left padding in the batch:", "Q: 2 + 3 =", "x"]
+
+
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_own_greedy_loop_equals_transformers_generate(row, arch, device):
+    """tunelab's greedy loop (prefill, then one token per row on the cache, finished rows dropped from the batch
+    and the cache) gives transformers' ``generate`` tokens for every method; the end token is chosen among the
+    tokens ``generate`` produces, so rows finish at different steps and leave the batch while the others go on."""
+    from tunelab.eval.generate import GenerationSettings, _left_pad, generate_ids
+
+    model, tok, _, _, handle, _ = _setup(row, arch, device)
+    _perturb(handle)
+    prompts = [tok(p)["input_ids"] for p in GEN_PROMPTS]
+    hf = GenerationSettings(max_new_tokens=8, batch_size=4, engine="transformers")
+    ours = GenerationSettings(max_new_tokens=8, batch_size=4, engine="tunelab")
+    first = generate_ids(model, tok, prompts, hf)
+    assert [g.text for g in generate_ids(model, tok, prompts, ours)] == [g.text for g in first]
+    ids, mask = _left_pad(prompts, tok.pad_token_id)
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        new = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=3,
+                             do_sample=False, pad_token_id=tok.pad_token_id)[:, ids.shape[1]:]
+    model.generation_config.eos_token_id = int(new[0, -1])  # row 0 now ends after <= 3 tokens
+    want, got = generate_ids(model, tok, prompts, hf), generate_ids(model, tok, prompts, ours)
+    assert [(g.text, g.n_tokens) for g in got] == [(g.text, g.n_tokens) for g in want]
+    assert min(g.n_tokens for g in got) < 8  # some row really finished early

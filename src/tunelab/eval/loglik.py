@@ -29,6 +29,7 @@ from torch import nn
 
 from tunelab.eval.choices import MCItem
 from tunelab.eval.generate import progress
+from tunelab.eval.generate import run_model as _run_body
 from tunelab.methods.core import prompt_lengths
 
 __all__ = ["MCResult", "continuation_logprobs", "encode_pair", "score_multiple_choice", "summarize"]
@@ -173,24 +174,6 @@ def _sums_per_row(token_lp: torch.Tensor, owner: list[int], per_row: list[int]) 
         out.append(flat[:n])
         flat = flat[n:]
     return out
-
-
-def _run_body(model: Any, ids: torch.Tensor, mask: torch.Tensor, position_ids: torch.Tensor | None = None,
-              cache: Any = None, *, use_cache: bool = True) -> tuple[torch.Tensor, Any, bool]:
-    """(hidden states, the cache after the call, True) from the decoder body when the model has one (only the
-    scored positions then go through the head), else (full logits, the cache, False)."""
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": mask, "use_cache": use_cache}
-    if position_ids is not None:
-        kwargs["position_ids"] = position_ids
-    if cache is not None:
-        kwargs["cache"] = cache
-    body = getattr(model, "base_model", None)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if body is not None and body is not model and head is not None:
-        out = body(**kwargs)
-        return out.last_hidden_state, getattr(out, "cache", None), True
-    out = model(**kwargs)
-    return out.logits, getattr(out, "cache", None), False
 
 
 def _token_logprobs(model: Any, picked: torch.Tensor, is_hidden: bool, targets: list[int]) -> torch.Tensor:
