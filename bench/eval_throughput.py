@@ -1,12 +1,13 @@
 """Generation throughput on the embedded model: batch sizes and dtypes against the fp32 one-at-a-time reference.
 
-    python bench/eval_throughput.py [--prompts 64] [--max-new-tokens 32] [--modes fp32:16,fp32:64,bf16:16,bf16:64]
+    python bench/eval_throughput.py [--prompts 64] [--max-new-tokens 32] [--modes fp32:16,bf16:64,bf16:64:transformers]
                                     [--no-one-at-a-time]
 
 Every mode decodes the same chat-template prompts (the four synthetic tasks) greedily with the KV cache through
-``tunelab.eval.generate.generate_ids`` (transformers' ``generate``, prompts sorted by length and left-padded). A mode
-is DTYPE:BATCH. The reference is fp32 one prompt at a time (``--no-one-at-a-time`` skips it and takes the first
-fp32 mode instead): fp32 batched outputs must equal it exactly; bf16 outputs are compared with it and their agreement
+``tunelab.eval.generate.generate_ids`` (prompts sorted by length and left-padded). A mode is DTYPE:BATCH[:ENGINE]:
+ENGINE ``tunelab`` (the default: tunelab's greedy loop, finished rows dropped) or ``transformers`` (its
+``generate``). The reference is transformers' ``generate`` in fp32, one prompt at a time (``--no-one-at-a-time``
+skips it and takes the first fp32 transformers mode, else the first fp32 mode): fp32 outputs must equal it exactly; bf16 outputs are compared with it and their agreement
 (identical texts) is reported, since bf16 rounding can flip a greedy choice and everything after it, with each mode's
 accuracy on the tasks (the first line equals the gold: the ``exact`` parser), which says whether the flips matter. Writes JSON
 (bench/results/eval-throughput-DATE-COMMIT.json, and stdout): generated tokens/s per mode, the ratios against fp32
@@ -27,13 +28,16 @@ from harness import REPO, environment, log, write_result
 BASELINE_TOKENS_PER_S = 52.8  # fp32, batch 16, 64 prompts x 32 new tokens: bench/results/eval-throughput-2026-11-28-nocommit.json
 
 
-def _modes(text: str) -> list[tuple[str, int]]:
+def _modes(text: str) -> list[tuple[str, int, str]]:
     out = []
     for part in text.split(","):
-        dtype, _, bs = part.strip().partition(":")
-        if dtype not in ("fp32", "bf16") or not bs.isdigit():
-            raise SystemExit(f"--modes: {part!r} is not DTYPE:BATCH (DTYPE fp32 or bf16), e.g. bf16:64")
-        out.append((dtype, int(bs)))
+        dtype, _, rest = part.strip().partition(":")
+        bs, _, engine = rest.partition(":")
+        engine = engine or "tunelab"
+        if dtype not in ("fp32", "bf16") or not bs.isdigit() or engine not in ("tunelab", "transformers"):
+            raise SystemExit(f"--modes: {part!r} is not DTYPE:BATCH[:ENGINE] (DTYPE fp32 or bf16, ENGINE tunelab or "
+                             "transformers), e.g. bf16:64 or bf16:64:transformers")
+        out.append((dtype, int(bs), engine))
     return out
 
 
@@ -41,7 +45,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=32)
-    ap.add_argument("--modes", default="fp32:16,fp32:64,bf16:16,bf16:64")
+    ap.add_argument("--modes", default="fp32:16,fp32:64,bf16:16,bf16:64,fp32:64:transformers,bf16:64:transformers")
     ap.add_argument("--no-one-at-a-time", action="store_true", help="skip the fp32 one-prompt-at-a-time reference")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", type=Path, help="default: bench/results/eval-throughput-DATE-COMMIT.json")
@@ -55,10 +59,11 @@ def main() -> int:
     from tunelab.eval.parsers import parse_exact
     from tunelab.models import load_model
 
-    plan = ([("one_at_a_time", "fp32", 1)] if not args.no_one_at_a_time else [])
-    plan += [(f"{d}-batch{b}", d, b) for d, b in modes]
+    plan = ([("one_at_a_time", "fp32", 1, "transformers")] if not args.no_one_at_a_time else [])
+    plan += [(f"{d}-batch{b}" + ("" if e == "tunelab" else f"-{e}"), d, b, e) for d, b, e in modes]
+    plan.sort(key=lambda p: p[1] != "fp32")  # one model in memory at a time: every fp32 mode first
     results, outputs, models = {}, {}, {}
-    for name, dtype, bs in plan:
+    for name, dtype, bs, engine in plan:
         if dtype not in models:
             models.clear()  # one model in memory at a time
             models[dtype] = load_model(args.model, dtype)
@@ -66,7 +71,7 @@ def main() -> int:
         records = [r for task in ("arith", "date-format", "reverse", "sort-words")
                    for r in generate(task, "test", args.prompts // 4, seed=0)]
         prompts = encode_prompts(records, tok, template="chat")
-        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=bs)
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=bs, engine=engine)
         generate_ids(model, tok, prompts[:2], settings)  # warm-up
         t0 = time.perf_counter()
         gens = generate_ids(model, tok, prompts, settings)
@@ -74,11 +79,13 @@ def main() -> int:
         n = sum(g.n_tokens for g in gens)
         outputs[name] = [g.text for g in gens]
         right = sum(parse_exact(g.text) == r.output.strip() for g, r in zip(gens, records, strict=True))
-        results[name] = {"dtype": dtype, "batch_size": bs, "seconds": round(dt, 2), "generated_tokens": n,
+        results[name] = {"dtype": dtype, "batch_size": bs, "engine": engine, "seconds": round(dt, 2),
+                         "generated_tokens": n,
                          "tokens_per_s": round(n / dt, 1), "accuracy": round(right / len(records), 4)}
         log(f"{name}: {n} tokens in {dt:.1f} s ({n / dt:.1f} tokens/s)")
     reference = "one_at_a_time" if "one_at_a_time" in outputs else next(
-        (n for n, d, _ in plan if d == "fp32"), plan[0][0])
+        (n for n, d, _, e in plan if d == "fp32" and e == "transformers"),
+        next((n for n, d, _, _ in plan if d == "fp32"), plan[0][0]))
     for name, row in results.items():
         same = sum(a == b for a, b in zip(outputs[name], outputs[reference], strict=True))
         row["identical_to_reference"] = f"{same}/{len(outputs[name])}"
@@ -87,11 +94,17 @@ def main() -> int:
     best = max((r for n, r in results.items() if n != "one_at_a_time"), key=lambda r: r["tokens_per_s"])
     fp32_best = max((r for n, r in results.items() if r["dtype"] == "fp32" and n != "one_at_a_time"),
                     key=lambda r: r["tokens_per_s"], default=None)
+    # tunelab's loop against transformers' generate at the same dtype and batch, where both ran
+    engine_speedup = {f"{r['dtype']}-batch{r['batch_size']}": round(r["tokens_per_s"] / hf["tokens_per_s"], 2)
+                      for r in results.values() if r["engine"] == "tunelab"
+                      for hf in [results.get(f"{r['dtype']}-batch{r['batch_size']}-transformers")] if hf}
     report = {
         "benchmark": "eval_throughput", "model": args.model, "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens, "reference": reference, "modes": results,
         "speedup_vs_fp32_batch16": {n: round(r["tokens_per_s"] / base, 2) for n, r in results.items()} if base else None,
-        "best": {"mode": f"{best['dtype']}-batch{best['batch_size']}", "tokens_per_s": best["tokens_per_s"],
+        "own_loop_vs_transformers_generate": engine_speedup,
+        "best": {"mode": f"{best['dtype']}-batch{best['batch_size']}-{best['engine']}",
+                 "tokens_per_s": best["tokens_per_s"],
                  "vs_issue_baseline_52.8": round(best["tokens_per_s"] / BASELINE_TOKENS_PER_S, 2),
                  "agreement": best["agreement"]},
         "best_fp32": ({"mode": f"fp32-batch{fp32_best['batch_size']}", "tokens_per_s": fp32_best["tokens_per_s"],
