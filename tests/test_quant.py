@@ -665,3 +665,39 @@ def test_quantize_cli_embeddings_flag(tmp_path, capsys):
     result = _train(tmp_path, "on-emb-dir", [*LORA, f"model.name={out}"])
     assert result.total_params == tiny("tiny-llama")[0].num_parameters()
     _logits_of_run(result.run_dir)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_weights_dequantize_once_with_the_same_outputs(dtype, monkeypatch):
+    """Under inference_weights each quantized layer (and the quantized head, chunk by chunk) dequantizes once for
+    any number of no-grad calls, with bit-identical logits and generations; after it nothing is kept and every call
+    rebuilds Ŵ again."""
+    from tunelab.eval.generate import GenerationSettings, generate_ids
+    from tunelab.quant import QuantHead
+    from tunelab.quant.linear import inference_weights
+
+    model, tok = tiny("tiny-llama")
+    quantize_model(model, QuantizeSection(bits=4, embeddings=True))
+    model.to(dtype).eval()
+    assert any(isinstance(m, QuantHead) for m in model.modules())
+    batch = batch_for(tok)
+    prompts = [tok(t)["input_ids"] for t in ("hello there", "a longer prompt for the batch", "x")]
+    settings = GenerationSettings(max_new_tokens=6)
+    with torch.no_grad():
+        want_logits = model(**batch).logits
+    want_gen = generate_ids(model, tok, prompts, settings)
+    calls = []
+    real = QuantLinear.dequantize
+    monkeypatch.setattr(QuantLinear, "dequantize", lambda self, d=torch.float32: calls.append(id(self)) or real(self, d))
+    with inference_weights(model), torch.no_grad():
+        got_logits = model(**batch).logits
+        got_gen = generate_ids(model, tok, prompts, settings)
+    n_layers = sum(isinstance(m, QuantLinear) for m in model.modules())
+    assert len(calls) == n_layers == len(set(calls))  # once each, for a forward pass and 6 decode steps
+    assert torch.equal(got_logits, want_logits)
+    assert [g.text for g in got_gen] == [g.text for g in want_gen]
+    assert all(m._dense is None for m in model.modules() if isinstance(m, QuantLinear | QuantHead))
+    calls.clear()
+    with torch.no_grad():
+        model(**batch)
+    assert len(calls) == n_layers  # outside the block: rebuilt per call again

@@ -175,7 +175,10 @@ def evaluate(target: str, task_names: Sequence[str], opts: EvalOptions, *, dtype
         where = resolve_device(device, where="--device")
         if where.type != "cpu":
             model.to(where)
-    summaries = [evaluate_task(model, tokenizer, spec, opts, default_template) for spec in specs]
+    from tunelab.quant.linear import inference_weights
+
+    with inference_weights(model):  # quantized bases: dequantize once for the whole evaluation, not per call
+        summaries = [evaluate_task(model, tokenizer, spec, opts, default_template) for spec in specs]
     if opts.out_dir:
         atomic_write_json(Path(opts.out_dir) / "summary.json", {"target": target, "tasks": summaries})
     return summaries

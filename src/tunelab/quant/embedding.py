@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunelab.quant.linear import compute_dtype
+from tunelab.quant.linear import DenseCache, compute_dtype
 from tunelab.quant.quantizers import QuantizedTensor, QuantSpec, byte_table, dequantize_codes, quantize
 
 HEAD_CHUNK = 4096  # vocabulary rows dequantized at a time by QuantHead
@@ -194,7 +194,7 @@ class _ChunkedLogits(torch.autograd.Function):
         return gh.to(ctx.h_dtype), None, None
 
 
-class QuantHead(nn.Module):
+class QuantHead(DenseCache, nn.Module):
     """The output projection z = h Êᵀ (+ b) over a QuantTable, ``chunk`` vocabulary rows at a time.
 
     ``tied``: ``source`` is the model's QuantEmbedding, referenced but not registered (the codes are the
@@ -242,8 +242,9 @@ class QuantHead(nn.Module):
         x = h.to(dtype)
         out = x.new_empty(*x.shape[:-1], self.out_features)
         with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
-            for start, stop in self.chunks():
-                out[..., start:stop] = x @ self.source.row_range(start, stop, dtype).T
+            for start, stop in self.chunks():  # kept per chunk under inference_weights: the same products
+                rows = self.dense((dtype, start), lambda a=start, b=stop: self.source.row_range(a, b, dtype))
+                out[..., start:stop] = x @ rows.T
         return out
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,8 @@ codes and scales are buffers, not parameters; LoRA's factors sit on top (``tunel
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -17,6 +19,39 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunelab.quant.quantizers import QuantizedTensor, QuantSpec, byte_table, dequantize_codes
+
+
+class DenseCache:
+    """Mixin: a quantized module that can keep its dequantized weight (per dtype, or per chunk) while
+    :func:`inference_weights` is active. Outside it nothing is kept (``_dense`` is None): training rebuilds Ŵ per
+    call as the module docstring says."""
+
+    _dense: dict[Any, torch.Tensor] | None = None
+
+    def dense(self, key: Any, build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``build()``, kept under ``key`` while :func:`inference_weights` is active (the same tensor, so the same
+        numbers, as building it per call)."""
+        if self._dense is None:
+            return build()
+        if key not in self._dense:
+            self._dense[key] = build()
+        return self._dense[key]
+
+
+@contextmanager
+def inference_weights(model: Any) -> Iterator[None]:
+    """Within the block, quantized layers dequantize their weights once and keep them (in the compute dtype) for the
+    calls made without autograd, instead of once per call: generation calls every layer once per token, and
+    rebuilding Ŵ per decode step costs more than the product itself. Memory: about a dense copy of those weights in
+    the compute dtype while the block runs; the outputs are bit-identical (the same Ŵ, the same products)."""
+    layers = [m for m in model.modules() if isinstance(m, DenseCache)] if hasattr(model, "modules") else []
+    for m in layers:
+        m._dense = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m._dense = None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -44,7 +79,7 @@ class _QuantMatmul(torch.autograd.Function):
             return (grad.to(ctx.dtype) @ w).to(ctx.x_dtype), None, None
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(DenseCache, nn.Module):
     """A linear layer [in_features -> out_features] whose weight is held quantized (see module docstring).
 
     Looks like a linear layer to the method core (``in_features``, ``out_features``, ``is_quantized``); ``weight``
@@ -102,7 +137,7 @@ class QuantLinear(nn.Module):
             y = _QuantMatmul.apply(x, self, dtype)
         else:
             with torch.autocast(x.device.type, enabled=False):
-                y = F.linear(x.to(dtype), self.dequantize(dtype))
+                y = F.linear(x.to(dtype), self.dense(dtype, lambda: self.dequantize(dtype)))
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def to_linear(self, dtype: torch.dtype = torch.float32) -> nn.Linear:
