@@ -252,12 +252,12 @@ def test_a_shared_context_runs_once_for_all_its_options(llama, monkeypatch):
     calls = _spy_runs(monkeypatch)
     got = loglik.continuation_logprobs(model, tok, pairs, batch_size=16)
     n_multi = sum(len(encode_pair(tok, c, o)[1]) > 1 for c, o in pairs)
-    # one pass over the two contexts, then the options longest first, in the chunks _option_chunks chose
+    # one pass over the two contexts, then the options longest first, in the chunks _padded_chunks chose
     assert calls[0][0] == 2 and not calls[0][2]
     chunks = calls[1:]
     spans = sorted((len(encode_pair(tok, c, o)[1]) - 1 for c, o in pairs if len(encode_pair(tok, c, o)[1]) > 1),
                    reverse=True)
-    want_chunks = [(stop - start, spans[start]) for start, stop in loglik._option_chunks(spans)]
+    want_chunks = [(stop - start, spans[start]) for start, stop in loglik._padded_chunks(spans)]
     assert all(cached for _, _, cached in chunks) and [(r, w) for r, w, _ in chunks] == want_chunks
     assert sum(r for r, _, _ in chunks) == n_multi
     for (ctx, cont), (lp, n) in zip(pairs, got, strict=True):
@@ -272,12 +272,12 @@ def test_a_shared_context_runs_once_for_all_its_options(llama, monkeypatch):
     assert [lp for lp, _ in unshared] == pytest.approx([lp for lp, _ in got], abs=1e-5)
 
 
-def test_option_chunks_minimise_calls_plus_padded_positions():
-    assert loglik._option_chunks([]) == []
-    assert loglik._option_chunks([3, 3, 3, 3], overhead=64) == [(0, 4)]  # alike: one pass, no padding
+def test_padded_chunks_minimise_calls_plus_padded_positions():
+    assert loglik._padded_chunks([]) == []
+    assert loglik._padded_chunks([3, 3, 3, 3], overhead=64) == [(0, 4)]  # alike: one pass, no padding
     # one long option among many short ones: alone it costs 64 + 40; with the others padding would cost 20 x 40
-    assert loglik._option_chunks([40] + [2] * 19, overhead=64) == [(0, 1), (1, 20)]
-    assert loglik._option_chunks([5, 4, 3, 2], overhead=0) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # padding only
+    assert loglik._padded_chunks([40] + [2] * 19, overhead=64) == [(0, 1), (1, 20)]
+    assert loglik._padded_chunks([5, 4, 3, 2], overhead=0) == [(0, 1), (1, 2), (2, 3), (3, 4)]  # padding only
     # against every split by brute force
     import itertools
     spans = [9, 7, 7, 4, 3, 3, 2, 1]
@@ -287,13 +287,23 @@ def test_option_chunks_minimise_calls_plus_padded_positions():
         return sum(10 + (b - a) * spans[a] for a, b in itertools.pairwise(bounds))
 
     best = min(cost(c) for k in range(len(spans)) for c in itertools.combinations(range(1, len(spans)), k))
-    chunks = loglik._option_chunks(spans, overhead=10)
+    chunks = loglik._padded_chunks(spans, overhead=10)
     assert cost([a for a, _ in chunks[1:]]) == best
-    capped = loglik._option_chunks([3] * 5, overhead=64, max_rows=2)  # rows capped: three passes, not one
+    capped = loglik._padded_chunks([3] * 5, overhead=64, max_rows=2)  # rows capped: three passes, not one
     assert len(capped) == 3 and all(b - a <= 2 for a, b in capped) and capped[0][0] == 0 and capped[-1][1] == 5
     assert all(capped[i][1] == capped[i + 1][0] for i in range(2))
     with pytest.raises(ValueError, match="longest first"):
-        loglik._option_chunks([1, 2])
+        loglik._padded_chunks([1, 2])
+
+
+def test_context_batches_give_a_long_tail_its_own_batch():
+    contexts = [tuple(range(n)) for n in [160] + [30] * 15 + [28] * 10]
+    batches = loglik._context_batches(contexts, 16, equal_lengths=False)
+    assert [len(b) for b in batches] == [1, 15, 10]  # 224 + 514 + 344 positions-equivalent: the cheapest split
+    assert all(len(b) <= 16 for b in batches) and sum(len(b) for b in batches) == len(contexts)
+    assert [c for b in batches for c in b] == contexts  # order kept: longest first
+    same = loglik._context_batches([(1, 2), (3, 4), (5,)], 16, equal_lengths=True)
+    assert sorted(len(b[0]) for b in same) == [1, 2] and all(len({len(c) for c in b}) == 1 for b in same)
 
 
 def test_winogrande_item_scores_per_option_contexts(llama):

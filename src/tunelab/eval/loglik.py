@@ -197,17 +197,18 @@ def _cache_rows(cache: Any, rows: torch.Tensor) -> Any:
 
 # A model call's fixed cost in token positions: the Python and kernel-launch overhead of one pass through every
 # layer plus the lower matmul efficiency of few rows, against which a chunk's padded positions are weighed when the
-# options are split into cached passes (see _option_chunks; measured with bench/loglik_vs_lm_eval.py).
+# contexts are batched and the options split into cached passes (see _padded_chunks; calibrated with
+# bench/loglik_vs_lm_eval.py --overheads).
 CALL_OVERHEAD_POSITIONS = 64
 # A pass over the options holds a copy of the context cache per row: at most this many context positions in all
 # (rows × the batch's context width), or one row per context when the contexts are longer than that allows.
 CACHE_ROW_POSITIONS = 8192
 
 
-def _option_chunks(spans: Sequence[int], overhead: int | None = None,
+def _padded_chunks(spans: Sequence[int], overhead: int | None = None,
                    max_rows: int | None = None) -> list[tuple[int, int]]:
-    """Split options sorted longest first (``spans``: the positions each needs) into consecutive chunks, each run as
-    one right-padded pass: [(start, stop)], minimising Σ (overhead + rows × the chunk's longest span) exactly
+    """Split rows sorted longest first (``spans``: the positions each needs; options, or contexts) into consecutive
+    chunks, each run as one padded pass: [(start, stop)], minimising Σ (overhead + rows × the chunk's longest span) exactly
     (dynamic programming over the split points), with at most ``max_rows`` rows per chunk (each row holds a copy of
     its context's cache). Few long options and many short ones give few chunks with little padding; one chunk
     holding all is the answer when the spans are alike. ``overhead``: default :data:`CALL_OVERHEAD_POSITIONS` (read
@@ -239,7 +240,7 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
     The contexts run left-padded (each ends at the last column, as in ``generate``'s prefill) and fill the KV
     cache; the last context position scores every continuation's first token. The continuations of two or more
     tokens are then sorted by length and run, their tokens but the last, in right-padded chunks (split where a
-    call's fixed cost outweighs the padding saved: :func:`_option_chunks`), each on a copy of the cache with one
+    call's fixed cost outweighs the padding saved: :func:`_padded_chunks`), each on a copy of the cache with one
     row per continuation (like a decode step of several tokens: position-aware methods edit the context only,
     prefix and prompt tuning keep their prefix). Only the scored positions go through the head.
     """
@@ -261,7 +262,7 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
     longer = sorted(((k, b, cont) for k, (b, cont) in enumerate(conts) if len(cont) > 1), key=lambda x: -len(x[2]))
     # rows per pass: the cache copies of at most CACHE_ROW_POSITIONS context positions, or as many rows as contexts
     max_rows = max(len(items), CACHE_ROW_POSITIONS // width)
-    for start, stop in _option_chunks([len(cont) - 1 for _, _, cont in longer], max_rows=max_rows):
+    for start, stop in _padded_chunks([len(cont) - 1 for _, _, cont in longer], max_rows=max_rows):
         chunk = longer[start:stop]
         rows = torch.tensor([b for _, b, _ in chunk])
         span = len(chunk[0][2]) - 1
@@ -308,15 +309,19 @@ def _plan(encoded: list[tuple[list[int], list[int]]], max_length: int, share_con
 
 def _context_batches(contexts: list[tuple[int, ...]], batch_size: int, *,
                      equal_lengths: bool) -> list[list[tuple[int, ...]]]:
-    """Batches of ``batch_size`` contexts (sorted longest first); with ``equal_lengths`` only contexts of one length
-    share a batch. That is for sliding-window models: left padding moves a prefix's keys (prefix / prompt tuning)
-    further from the tokens, so they would fall out of the window earlier than in the unpadded sequence."""
-    if not equal_lengths:
-        return [contexts[i : i + batch_size] for i in range(0, len(contexts), batch_size)]
-    by_length: dict[int, list[tuple[int, ...]]] = {}
-    for ctx in contexts:
-        by_length.setdefault(len(ctx), []).append(ctx)
-    return [same[i : i + batch_size] for same in by_length.values() for i in range(0, len(same), batch_size)]
+    """Batches of at most ``batch_size`` contexts (sorted longest first), split where a model call's fixed cost
+    outweighs the padding saved (:func:`_padded_chunks`: a long tail of long contexts gets batches of its own
+    instead of widening a full batch). With ``equal_lengths`` only contexts of one length share a batch. That is
+    for sliding-window models: left padding moves a prefix's keys (prefix / prompt tuning) further from the tokens,
+    so they would fall out of the window earlier than in the unpadded sequence."""
+    groups: list[list[tuple[int, ...]]] = [contexts]
+    if equal_lengths:
+        by_length: dict[int, list[tuple[int, ...]]] = {}
+        for ctx in contexts:
+            by_length.setdefault(len(ctx), []).append(ctx)
+        groups = list(by_length.values())
+    return [group[a:b] for group in groups
+            for a, b in _padded_chunks([len(c) for c in group], max_rows=batch_size)]
 
 
 @torch.no_grad()
