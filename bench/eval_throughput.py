@@ -18,6 +18,7 @@ machine's bf16 units (bf16 is emulated and slow on CPUs without them).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
@@ -47,6 +48,11 @@ def main() -> int:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--modes", default="fp32:16,fp32:64,bf16:16,bf16:64,fp32:64:transformers,bf16:64:transformers")
     ap.add_argument("--no-one-at-a-time", action="store_true", help="skip the fp32 one-prompt-at-a-time reference")
+    ap.add_argument("--quant-bits", type=int, default=0,
+                    help="quantize the model's linear layers to NF-k (2, 4 or 8) first: generation on a QLoRA base")
+    ap.add_argument("--no-inference-weights", action="store_true",
+                    help="with --quant-bits: dequantize per call as training does (the behaviour before "
+                         "tunelab.quant.linear.inference_weights), to measure what keeping the weights saves")
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--out", type=Path, help="default: bench/results/eval-throughput-DATE-COMMIT.json")
     args = ap.parse_args()
@@ -58,6 +64,7 @@ def main() -> int:
     from tunelab.eval.generate import GenerationSettings, generate_ids
     from tunelab.eval.parsers import parse_exact
     from tunelab.models import load_model
+    from tunelab.quant.linear import inference_weights
 
     plan = ([("one_at_a_time", "fp32", 1, "transformers")] if not args.no_one_at_a_time else [])
     plan += [(f"{d}-batch{b}" + ("" if e == "tunelab" else f"-{e}"), d, b, e) for d, b, e in modes]
@@ -67,15 +74,22 @@ def main() -> int:
         if dtype not in models:
             models.clear()  # one model in memory at a time
             models[dtype] = load_model(args.model, dtype)
+            if args.quant_bits:
+                from tunelab.config import QuantizeSection
+                from tunelab.quant.model import quantize_model
+
+                quantize_model(models[dtype][0], QuantizeSection(bits=args.quant_bits))
         model, tok = models[dtype]
         records = [r for task in ("arith", "date-format", "reverse", "sort-words")
                    for r in generate(task, "test", args.prompts // 4, seed=0)]
         prompts = encode_prompts(records, tok, template="chat")
         settings = GenerationSettings(max_new_tokens=args.max_new_tokens, batch_size=bs, engine=engine)
-        generate_ids(model, tok, prompts[:2], settings)  # warm-up
-        t0 = time.perf_counter()
-        gens = generate_ids(model, tok, prompts, settings)
-        dt = time.perf_counter() - t0
+        keep = inference_weights(model) if args.quant_bits and not args.no_inference_weights else contextlib.nullcontext()
+        with keep:  # as tunelab.eval.harness.evaluate runs
+            generate_ids(model, tok, prompts[:2], settings)  # warm-up
+            t0 = time.perf_counter()
+            gens = generate_ids(model, tok, prompts, settings)
+            dt = time.perf_counter() - t0
         n = sum(g.n_tokens for g in gens)
         outputs[name] = [g.text for g in gens]
         right = sum(parse_exact(g.text) == r.output.strip() for g, r in zip(gens, records, strict=True))
@@ -100,6 +114,7 @@ def main() -> int:
                       for hf in [results.get(f"{r['dtype']}-batch{r['batch_size']}-transformers")] if hf}
     report = {
         "benchmark": "eval_throughput", "model": args.model, "prompts": args.prompts,
+        "quant_bits": args.quant_bits, "inference_weights": bool(args.quant_bits and not args.no_inference_weights),
         "max_new_tokens": args.max_new_tokens, "reference": reference, "modes": results,
         "speedup_vs_fp32_batch16": {n: round(r["tokens_per_s"] / base, 2) for n, r in results.items()} if base else None,
         "own_loop_vs_transformers_generate": engine_speedup,
