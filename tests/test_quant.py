@@ -697,6 +697,13 @@ def test_inference_weights_dequantize_once_with_the_same_outputs(dtype, monkeypa
     assert torch.equal(got_logits, want_logits)
     assert [g.text for g in got_gen] == [g.text for g in want_gen]
     assert all(m._dense is None for m in model.modules() if isinstance(m, QuantLinear | QuantHead))
+    with inference_weights(model), torch.no_grad():  # nested: the inner block uses and leaves the outer's weights
+        model(**batch)
+        kept = [m._dense for m in model.modules() if isinstance(m, QuantLinear)]
+        with inference_weights(model):
+            model(**batch)
+        assert [m._dense for m in model.modules() if isinstance(m, QuantLinear)] == kept and all(kept)
+    assert all(m._dense is None for m in model.modules() if isinstance(m, QuantLinear | QuantHead))
     calls.clear()
     with torch.no_grad():
         model(**batch)

@@ -9,9 +9,9 @@ Greedy decoding runs tunelab's own loop (:func:`_greedy`): the calls transformer
 prefill, then one token per row and step on the cache), with the rows that finished (EOS or a stop string) dropped
 from the batch and the cache, and the vocabulary head applied to the last position only. It gives ``generate``'s
 tokens (tested for every method and model family in fp32). A stop string ends a row at the token that completes it
-in the generated text (``generate`` also matches stop strings that begin in the prompt). Beam search, and models whose generation config asks
-for logit processing (a repetition penalty, banned words, a minimum length...), run through ``generate``;
-``GenerationSettings(engine="transformers")`` forces it.
+in the generated text (``generate`` also matches stop strings that begin in the prompt). Beam search, and models
+whose generation config asks for logit processing (a repetition penalty, banned words, a minimum length...), run
+through ``generate``; ``GenerationSettings(engine="transformers")`` forces it.
 """
 
 from __future__ import annotations

@@ -208,17 +208,17 @@ CACHE_ROW_POSITIONS = 8192
 def _padded_chunks(spans: Sequence[int], overhead: int | None = None,
                    max_rows: int | None = None) -> list[tuple[int, int]]:
     """Split rows sorted longest first (``spans``: the positions each needs; options, or contexts) into consecutive
-    chunks, each run as one padded pass: [(start, stop)], minimising Σ (overhead + rows × the chunk's longest span) exactly
-    (dynamic programming over the split points), with at most ``max_rows`` rows per chunk (each row holds a copy of
-    its context's cache). Few long options and many short ones give few chunks with little padding; one chunk
-    holding all is the answer when the spans are alike. ``overhead``: default :data:`CALL_OVERHEAD_POSITIONS` (read
+    chunks, each run as one padded pass: [(start, stop)], minimising Σ (overhead + rows × the chunk's longest span)
+    exactly (dynamic programming over the split points), with at most ``max_rows`` rows per chunk (an option row
+    holds a copy of its context's cache). Few long rows and many short ones give few chunks with little padding;
+    one chunk holding all is the answer when the spans are alike. ``overhead``: default :data:`CALL_OVERHEAD_POSITIONS` (read
     at call time)."""
     overhead = CALL_OVERHEAD_POSITIONS if overhead is None else overhead
     n = len(spans)
     max_rows = n if max_rows is None else max(1, max_rows)
     if any(spans[i] < spans[i + 1] for i in range(n - 1)):
         raise ValueError("spans must be sorted longest first")
-    best = [0.0] + [float("inf")] * n  # best[j]: the cheapest split of the first j options
+    best = [0.0] + [float("inf")] * n  # best[j]: the cheapest split of the first j rows
     cut = [0] * (n + 1)
     for stop in range(1, n + 1):
         for start in range(max(0, stop - max_rows), stop):

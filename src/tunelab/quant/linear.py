@@ -45,13 +45,14 @@ def inference_weights(model: Any) -> Iterator[None]:
     rebuilding Ŵ per decode step costs more than the product itself. Memory: about a dense copy of those weights in
     the compute dtype while the block runs; the outputs are bit-identical (the same Ŵ, the same products)."""
     layers = [m for m in model.modules() if isinstance(m, DenseCache)] if hasattr(model, "modules") else []
-    for m in layers:
-        m._dense = {}
+    outer = [m._dense for m in layers]  # nested blocks share the outer block's weights and leave them to it
+    for m, kept in zip(layers, outer, strict=True):
+        m._dense = {} if kept is None else kept
     try:
         yield
     finally:
-        for m in layers:
-            m._dense = None
+        for m, kept in zip(layers, outer, strict=True):
+            m._dense = kept
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
