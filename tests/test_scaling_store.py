@@ -233,3 +233,87 @@ def test_killing_only_the_sweep_stops_its_workers_and_a_second_sweep_is_refused(
     finally:
         os.killpg(proc.pid, signal.SIGKILL) if proc.poll() is None else None
         subprocess.run(["pkill", "-9", "-f", str(spec.store_path)], check=False)
+
+
+# ------------------------------------------------------------------------------------------------- ledger
+
+
+def test_ledger_file_names_are_distinct_and_portable():
+    import re
+
+    from tunelab.scaling.ledger import file_name
+
+    keys = ["final/lora-r8/lr=0.0022/seed=0", "final/random-mask-0.1%/lr=0.01/seed=1", "a_/b", "a/_b", "a__b",
+            "a/b", "a~2fb", "a b", "ä/ü", "base"]
+    names = [file_name(k) for k in keys]
+    assert len(set(names)) == len(keys)
+    assert all(re.fullmatch(r"[A-Za-z0-9.=%+~_-]+\.json", n) for n in names)
+    assert file_name("final/lora-r8/lr=0.0022/seed=0") == "final__lora-r8__lr=0.0022__seed=0.json"
+
+
+def test_ledger_carries_finished_runs_to_a_new_store(tmp_path):
+    from tunelab.scaling.ledger import Ledger
+
+    old = Store(tmp_path / "old.sqlite")
+    old.add_runs([("a/1", {"x": 1}, {"phase": "search"}), ("a/2", {"x": 2}, {}), ("a/3", {"x": 3}, {})])
+    for metrics in ({"loss": 0.5}, {"loss": 0.25}):
+        claim = old.claim()
+        old.commit(claim, metrics, 12.0)
+    ledger = Ledger(tmp_path / "ledger", {"suite": "s", "data": "abc"})
+    assert ledger.sync(old) == (0, 2)  # the two finished runs are written, the pending one is not
+    assert ledger.sync(old) == (0, 0)
+    fresh = Store(tmp_path / "fresh.sqlite")
+    fresh.add_runs([("a/2", {"x": 2}, {}), ("a/9", {"x": 9}, {})])
+    claim = fresh.claim()  # a/2 is being run here: left to its worker
+    assert claim.key == "a/2"
+    ledger = Ledger(tmp_path / "ledger", {"data": "abc", "suite": "s"})  # same fingerprint, any key order
+    assert ledger.sync(fresh) == (1, 0)
+    done = {r.key: r for r in fresh.rows("done")}
+    assert set(done) == {"a/1"} and done["a/1"].metrics == {"loss": 0.5} and done["a/1"].seconds == 12.0
+    assert done["a/1"].config == {"x": 1} and done["a/1"].factors == {"phase": "search"}
+    fresh.commit(claim, {"loss": 0.75}, 3.0)  # finished here: kept, and recorded in the ledger
+    assert ledger.sync(fresh) == (0, 0)  # the ledger's a/2 does not replace the store's finished one...
+    assert {r.key: r.metrics for r in fresh.rows("done")}["a/2"] == {"loss": 0.75}
+    assert fresh.import_done("a/9", {}, {}, {"loss": 1.0}, 1.0)  # ...while a pending run takes a ledger's result
+    assert fresh.counts() == {"pending": 0, "running": 0, "done": 3, "failed": 0}
+    assert not fresh.import_done("a/9", {}, {}, {"loss": 2.0}, 1.0)
+    with pytest.raises(StoreError, match=r"ledger\.json: this ledger belongs to another study.*own --ledger"):
+        Ledger(tmp_path / "ledger", {"suite": "s", "data": "other"})
+    (tmp_path / "ledger" / "runs" / "broken.json").write_text("{")
+    with pytest.raises(StoreError, match=r"broken\.json: not a ledger entry.*delete it"):
+        Ledger(tmp_path / "ledger", {"suite": "s", "data": "abc"}).entries()
+    # a run's result files travel with it and are written back where the new study folder lacks them
+    (tmp_path / "ledger" / "runs" / "broken.json").unlink()
+    row = next(r for r in old.rows("done") if r.key == "a/1")
+    ledger = Ledger(tmp_path / "ledger", {"suite": "s", "data": "abc"})
+    ledger.record(row, {"eval/t.jsonl": '{"correct": true}\n'})
+    newer = Store(tmp_path / "newer" / "study.sqlite")
+    assert ledger.sync(newer, tmp_path / "newer") == (2, 0)
+    assert (tmp_path / "newer" / "eval" / "t.jsonl").read_text() == '{"correct": true}\n'
+    ledger.record(row, {"../outside.txt": "x"})
+    with pytest.raises(StoreError, match=r"a__1\.json: file '\.\./outside\.txt' is not a relative path"):
+        ledger.sync(newer, tmp_path / "newer")
+    assert not (tmp_path / "outside.txt").exists()
+
+
+def test_sweep_writes_its_ledger_and_a_fresh_folder_continues_from_it(tmp_path, capsys):
+    from tunelab.cli import main
+
+    spec = load_spec(_tiny_spec(tmp_path, d_f=(8, 16), steps=4))
+    result = sweep(spec, workers=1, ledger=tmp_path / "ledger")
+    assert result.counts["done"] == 2
+    entries = sorted(p.name for p in (tmp_path / "ledger" / "runs").iterdir())
+    assert entries == sorted(f"{r.key}.json" for r in Store(spec.store_path).rows())  # written as they finished
+    # the same spec with its study folder elsewhere (a new machine): nothing is run again
+    raw = yaml.safe_load((tmp_path / "spec.yaml").read_text())
+    raw["output_dir"] = str(tmp_path / "elsewhere")
+    (tmp_path / "moved.yaml").write_text(yaml.safe_dump(raw))
+    capsys.readouterr()
+    assert main(["sweep", str(tmp_path / "moved.yaml"), "--ledger", str(tmp_path / "ledger"), "--import-only"]) == 0
+    assert "'done': 2" in capsys.readouterr().out
+    moved = {r.key: r.metrics for r in Store(tmp_path / "elsewhere" / "study.sqlite").rows()}
+    assert moved == {r.key: r.metrics for r in Store(spec.store_path).rows()}
+    assert sweep(load_spec(tmp_path / "moved.yaml"), workers=1, ledger=tmp_path / "ledger").counts["done"] == 2
+    capsys.readouterr()
+    assert main(["sweep", str(tmp_path / "moved.yaml"), "--import-only"]) != 0
+    assert "--import-only takes the runs of a ledger: add --ledger DIR" in capsys.readouterr().err

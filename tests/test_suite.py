@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from tunelab.config import ConfigError
+from tunelab.errors import StoreError
 from tunelab.eval.metrics import bootstrap_ci, seed_item_ci, stratified_paired_diff
 from tunelab.study.protocol import at_edge, best_rate, grid_problems, label_shares, shape_shares
 
@@ -109,7 +110,7 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     from tunelab.study.suite import open_suite, run_suite
 
     run = open_suite(_suite(tmp_path), _data_dir(tmp_path), "small", tmp_path / "out")
-    report = run_suite(run)
+    report = run_suite(run, ledger=tmp_path / "ledger")
     info = json.loads((run.out / "data" / "info.json").read_text())
     assert (info["train"], info["dev"]) == (24, 12)
     store = Store(run.out / "study.sqlite", create=False)
@@ -142,6 +143,10 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
 
     assert {r.metrics.get("commit") for r in rows} == {commit()}
     assert result["meta"]["unit_commits"] == {commit() or "unrecorded": len(rows)}
+    # ... and the compute dtypes it trained and evaluated in (`auto` differs between machines)
+    assert result["meta"]["unit_dtypes"] == {"eval fp32": 1, "train fp32": 2 + len(extended),
+                                             "train fp32 · eval fp32": 2}
+    assert "compute dtypes of the units: eval fp32 (1)" in table
     # the header states the runtime: every finished unit's wall time, per phase
     rt = result["meta"]["runtime"]
     assert {k: v["units"] for k, v in rt["phases"].items()} == {"base": 1, "final": 2, "search": 2 + len(extended)}
@@ -152,6 +157,26 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     run_suite(open_suite(_suite(tmp_path), tmp_path / "data", "small", tmp_path / "out"))
     assert "running" not in capsys.readouterr().out
+    # every unit is in the ledger as it finished; a fresh folder (a new machine, a clone) with the same ledger
+    # trains nothing and reports the same rows
+    from tunelab.scaling.ledger import file_name
+
+    assert sorted(p.name for p in (tmp_path / "ledger" / "runs").iterdir()) == sorted(file_name(r.key) for r in rows)
+    again = run_suite(open_suite(_suite(tmp_path), tmp_path / "data", "small", tmp_path / "fresh"),
+                      ledger=tmp_path / "ledger")
+    assert "running" not in (out := capsys.readouterr().out) and f"{len(rows)} finished units taken from it" in out
+    moved = json.loads((again / "results.json").read_text())
+    assert moved["rows"] == result["rows"] and moved["base"] == result["base"] and moved["claims"] == result["claims"]
+    assert moved["meta"]["unit_commits"] == result["meta"]["unit_commits"]
+    base_entry = json.loads((tmp_path / "ledger" / "runs" / "base.json").read_text())
+    assert "base/eval/summary.json" in base_entry["files"] and '"prompt"' not in json.dumps(base_entry["files"])
+    # the CLI rebuilds the report from the ledger alone, in an empty folder, training nothing
+    from tunelab.cli import main
+
+    assert main(["suite", str(_suite(tmp_path)), "--data-dir", str(tmp_path / "data"), "--out",
+                 str(tmp_path / "from-ledger"), "--report-only", "--ledger", str(tmp_path / "ledger")]) == 0
+    assert "running" not in (out := capsys.readouterr().out) and "| lora |" in out
+    assert json.loads((tmp_path / "from-ledger" / "report" / "results.json").read_text())["rows"] == result["rows"]
     # a scale that evaluates on another test limit would take these units by their keys: refused, folder named;
     # also for a store from before the settings were recorded (read from a unit's config)
     path = _suite(tmp_path)
@@ -167,6 +192,10 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
         with pytest.raises(ConfigError, match=r"out: this folder holds units of scale 'small' \(max_steps 2, test "
                                               r"limit all items\); scale 'wide'.*own --out"):
             run_suite(open_suite(path, tmp_path / "data", "wide", tmp_path / "out"))
+    assert "running" not in capsys.readouterr().out
+    # ... and so is the ledger, in a folder of its own: its units were made with other settings
+    with pytest.raises(StoreError, match=r"ledger\.json: this ledger belongs to another study.*own --ledger"):
+        run_suite(open_suite(path, tmp_path / "data", "wide", tmp_path / "wide"), ledger=tmp_path / "ledger")
     assert "running" not in capsys.readouterr().out
 
 

@@ -69,7 +69,8 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--limit", type=int, help="evaluate only the first N examples of each task")
     e.add_argument("--batch-size", type=int, default=16)
     e.add_argument("--template", help="prompt template (default: the run's training template, else the task's)")
-    e.add_argument("--dtype", default="fp32", help="fp32 (default: batch-invariant greedy decoding) or bf16")
+    e.add_argument("--dtype", default="fp32", help="fp32 (default: batch-invariant greedy decoding), bf16, or auto "
+                                                   "(bf16 where this machine has bf16 units, else fp32)")
     e.add_argument("--device", default="auto",
                    help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     e.add_argument("--out", help="output folder for per-example JSONL and summaries (default: RUN/eval or eval/)")
@@ -98,6 +99,10 @@ def _parser() -> argparse.ArgumentParser:
     su.add_argument("--report-only", action="store_true", help="rebuild the report from the store; train nothing")
     su.add_argument("--report-dir", help="also write the report (results.json, table.md, chart.png) here")
     su.add_argument("--retry-failed", action="store_true", help="run failed units again")
+    su.add_argument("--ledger", metavar="DIR",
+                    help="a folder to commit with the results (e.g. docs/compare/NAME/units): every finished unit "
+                         "is also written there as JSON, and units found there are not run again — so a fresh "
+                         "clone continues the suite, or rebuilds its report with --report-only, from it")
     ts = sub.add_parser("tasks", help="list the evaluation tasks")
     ts.add_argument("--tasks-dir", action="append", default=[], help="extra folder of task YAML files")
 
@@ -263,7 +268,7 @@ def cmd_lr_search(args: argparse.Namespace) -> int:
 def cmd_suite(args: argparse.Namespace) -> int:
     from tunelab.scaling.store import Store
     from tunelab.study.report import write_report
-    from tunelab.study.suite import open_suite, run_suite
+    from tunelab.study.suite import attach_ledger, open_suite, prepare_data, run_suite
 
     run = open_suite(args.config, args.data_dir, args.scale, args.out)
     if args.rows:
@@ -275,7 +280,10 @@ def cmd_suite(args: argparse.Namespace) -> int:
             return 2
         run.scale.rows = wanted
     if not args.report_only:
-        run_suite(run, retry_failed=args.retry_failed)
+        run_suite(run, retry_failed=args.retry_failed, ledger=args.ledger)
+    elif args.ledger:  # the report from the ledger (and whatever the folder has)
+        prepare_data(run)
+        attach_ledger(run, Store(run.out / "study.sqlite"), args.ledger)
     store = Store(run.out / "study.sqlite", create=False)
     command = "tunelab " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("tunelab") else None
     folder = write_report(run, store, command=command)

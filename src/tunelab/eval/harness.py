@@ -168,7 +168,11 @@ def evaluate(target: str, task_names: Sequence[str], opts: EvalOptions, *, dtype
     cuda, cuda:N; tunelab.devices) is where a model loaded here runs; a ``model`` passed in stays where it is."""
     tasks = discover_tasks(tuple(tasks_dirs))
     specs = [get_task(n, tasks) for n in task_names]
+    resolved = None
     if model is None:
+        from tunelab.models import dtype_name, resolve_dtype
+
+        resolved = dtype_name(resolve_dtype(dtype))  # `auto`: bf16 only where it is fast here
         model, tokenizer, default_template, _ = load_target(target, dtype, allow_base_mismatch)
         from tunelab.devices import resolve_device
 
@@ -180,7 +184,8 @@ def evaluate(target: str, task_names: Sequence[str], opts: EvalOptions, *, dtype
     with inference_weights(model):  # quantized bases: dequantize once for the whole evaluation, not per call
         summaries = [evaluate_task(model, tokenizer, spec, opts, default_template) for spec in specs]
     if opts.out_dir:
-        atomic_write_json(Path(opts.out_dir) / "summary.json", {"target": target, "tasks": summaries})
+        atomic_write_json(Path(opts.out_dir) / "summary.json", {"target": target, "dtype": resolved,
+                                                                  "tasks": summaries})
     return summaries
 
 

@@ -26,7 +26,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tunelab.errors import ModelError
 from tunelab.models import gguf
 from tunelab.models.directories import cached_hub_file, ensure_pad_token, hub_snapshot, load_pretrained
-from tunelab.models.dtype import resolve_dtype
+from tunelab.models.dtype import dtype_name, resolve_dtype
 from tunelab.models.embedded import ALIASES, EmbeddedModel, embedded_gguf, load_embedded, package_version
 from tunelab.models.fingerprint import model_fingerprint
 from tunelab.models.tiny import TINY_MODELS, TINY_SEED, load_tiny
@@ -39,6 +39,7 @@ __all__ = [
     "describe_spec",
     "load_model",
     "model_fingerprint",
+    "dtype_name",
     "resolve_dtype",
 ]
 

@@ -36,6 +36,11 @@ def resolve_dtype(name: str, device: torch.device | str | None = None) -> torch.
     return _DTYPES[key]
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """The short name of a torch dtype as configs write it (bf16, fp32, fp16), else torch's own."""
+    return next((k for k, v in _DTYPES.items() if v == dtype), str(dtype).removeprefix("torch."))
+
+
 def fast_bf16_available(device: torch.device | str | None = None) -> bool:
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":

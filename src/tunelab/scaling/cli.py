@@ -28,6 +28,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--address", help="Ray cluster to join, HEAD_IP:PORT (default: RAY_ADDRESS, else a local Ray)")
     s.add_argument("--retry-failed", action="store_true", help="run failed runs again")
     s.add_argument("--check", action="store_true", help="validate the spec, print the grid size and exit")
+    s.add_argument("--ledger", metavar="DIR",
+                   help="a folder to commit with the results: every finished run is also written there as JSON, "
+                        "and runs found there are not run again (a fresh clone continues the study from it)")
+    s.add_argument("--import-only", action="store_true",
+                   help="with --ledger: take its finished runs into the store and exit (then fit or report)")
 
     r = sub.add_parser("runs", help="list the runs of a study")
     r.add_argument("study", help="study folder, its study.sqlite, or its sweep spec")
@@ -83,11 +88,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         from tunelab.errors import ConfigError
 
         raise ConfigError("--address names a Ray cluster: add --executor ray")
+    if args.import_only:
+        from tunelab.errors import ConfigError
+        from tunelab.scaling.runner import prepare
+
+        if not args.ledger:
+            raise ConfigError("--import-only takes the runs of a ledger: add --ledger DIR")
+        counts = prepare(spec, ledger=args.ledger).counts()
+        print(f"{spec.store_path}: {counts}")
+        return 0
     threads = args.threads or threads_per_worker(args.workers)
     print(f"sweep {spec.name}: {args.workers} {'Ray task' if args.executor == 'ray' else 'worker'}(s) × {threads} "
           f"thread(s), store {spec.store_path}")
     result = sweep(spec, workers=args.workers, executor=args.executor, retry_failed=args.retry_failed,
-                   threads=threads, address=args.address)
+                   threads=threads, address=args.address, ledger=args.ledger)
     print(f"done in {result.seconds:.0f} s: {result.counts}" +
           (f" ({result.replaced_workers} worker(s) replaced)" if result.replaced_workers else ""))
     if result.nodes is not None:

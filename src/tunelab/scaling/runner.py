@@ -100,10 +100,10 @@ class RunReporter:
     """A sweep's progress over its runs: a bar on a terminal; elsewhere one line per run as it finishes
     (tunelab.progress). ``poll`` reads the store at most every ``every`` seconds."""
 
-    def __init__(self, store: Store, every: float = 2.0) -> None:
+    def __init__(self, store: Store, every: float = 2.0, ledger: Any = None) -> None:
         from tunelab import progress
 
-        self.store, self.every, self.last = store, every, 0.0
+        self.store, self.every, self.last, self.ledger = store, every, 0.0, ledger
         rows = store.rows()
         self.seen = {r.key for r in rows if r.status in ("done", "failed")}
         self.bar = progress.bar(total=len(rows), initial=len(self.seen), desc="sweep", unit="run")
@@ -118,6 +118,8 @@ class RunReporter:
             if r.status in ("done", "failed") and r.key not in self.seen:
                 self.seen.add(r.key)
                 self.bar.update(1)
+                if self.ledger is not None and r.status == "done":
+                    self.ledger.record(r)
                 progress.summary(run_line(r))
 
     def close(self) -> None:
@@ -146,16 +148,30 @@ class SweepResult:
     nodes: dict[str, int] | None = None  # Ray: runs finished per node id
 
 
-def prepare(spec: SweepSpec, retry_failed: bool = False) -> Store:
-    """Create/open the study store and add the spec's grid (finished runs stay finished)."""
+def prepare(spec: SweepSpec, retry_failed: bool = False, ledger: str | Path | None = None) -> Store:
+    """Create/open the study store and add the spec's grid (finished runs stay finished); with a ``ledger``
+    folder (``tunelab.scaling.ledger``), take the runs it has finished and record the store's."""
     store = Store(spec.store_path)
     runs = expand(spec)
     store.add_runs([(r.key, r.config, r.factors) for r in runs])
     store.set_grid([r.key for r in runs])  # runs an earlier spec had and this one lacks are retired, not fitted
     store.set_info("spec", _spec_dict(spec))
+    if ledger is not None:
+        imported, recorded = sweep_ledger(spec, ledger).sync(store)
+        if imported or recorded:
+            print(f"[sweep] ledger {ledger}: {imported} finished runs taken from it, {recorded} written to it",
+                  flush=True)
     if retry_failed:
         store.reset_failed()
     return store
+
+
+def sweep_ledger(spec: SweepSpec, folder: str | Path) -> Any:
+    """A sweep's ledger. A run's key is the hash of its whole config, so the study's name is all its fingerprint
+    needs: an entry whose config this spec no longer makes is kept, retired, never fitted."""
+    from tunelab.scaling.ledger import Ledger
+
+    return Ledger(folder, {"sweep": spec.name})
 
 
 def _spec_dict(spec: SweepSpec) -> dict[str, Any]:
@@ -165,7 +181,8 @@ def _spec_dict(spec: SweepSpec) -> dict[str, Any]:
 
 
 def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_failed: bool = False,
-          max_restarts: int | None = None, threads: int | None = None, address: str | None = None) -> SweepResult:
+          max_restarts: int | None = None, threads: int | None = None, address: str | None = None,
+          ledger: str | Path | None = None) -> SweepResult:
     """Run every pending run of the study (see the module docstring). ``threads``: torch threads per run (default
     cores // workers); ``address``: the Ray cluster to join (executor "ray"; default RAY_ADDRESS, else local)."""
     t0 = time.perf_counter()
@@ -182,11 +199,11 @@ def sweep(spec: SweepSpec, *, workers: int = 1, executor: str = "local", retry_f
         from tunelab.errors import ConfigError
 
         raise ConfigError(f"unknown executor {executor!r}; use 'local' (worker processes) or 'ray'")
-    store = prepare(spec, retry_failed)
+    store = prepare(spec, retry_failed, ledger)
     threads = threads or threads_per_worker(workers)
     runs_dir = str(Path(spec.output_dir) / "runs")
     nodes = None
-    reporter = RunReporter(store)
+    reporter = RunReporter(store, ledger=None if ledger is None else sweep_ledger(spec, ledger))
     try:
         if executor == "ray":
             from tunelab.scaling.rayexec import sweep_ray

@@ -254,6 +254,26 @@ class Store:
                 (status, values["metrics"], values["seconds"], values["error"], time.time(), claim.key, claim.token))
             return cur.rowcount == 1
 
+    def import_done(self, key: str, config: dict[str, Any], factors: dict[str, Any], metrics: dict[str, Any],
+                    seconds: float | None, finished: float | None = None) -> bool:
+        """Record a run finished elsewhere (a ledger's entry) as done: inserted when the store lacks it, or taking
+        the place of a pending or failed row. A finished row is kept; a running one is left to its worker.
+        Returns whether anything was written."""
+        now = time.time()
+        with self.transaction() as db:
+            row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
+            if row is not None and row["status"] in ("done", "running"):
+                return False
+            if row is None:
+                seq = db.execute("SELECT COALESCE(MAX(seq), 0) FROM runs").fetchone()[0] + 1
+                db.execute("INSERT INTO runs (key, seq, config, factors, status, created) "
+                           "VALUES (?, ?, ?, ?, 'pending', ?)",
+                           (key, seq, json.dumps(config, sort_keys=True), json.dumps(factors), now))
+            db.execute("UPDATE runs SET status = 'done', metrics = ?, seconds = ?, finished = ?, error = NULL, "
+                       "claim = NULL, host = 'ledger' WHERE key = ?",
+                       (json.dumps(metrics), seconds, finished or now, key))
+        return True
+
     def reset_failed(self) -> int:
         with self.transaction() as db:
             return db.execute("UPDATE runs SET status = 'pending' WHERE status = 'failed'").rowcount

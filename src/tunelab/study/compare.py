@@ -157,11 +157,13 @@ def _collect(row: CompareRow, run_dir: Path, row_dir: Path, train_wall: float, w
         "trainable_percent": meta["trainable_percent"], "tokens_per_s": m.get("tokens_per_s"),
         "train_tokens": m.get("tokens"), "peak_rss_mb": m.get("peak_rss_mb"), "train_loss": m.get("train_loss"),
         "eval_loss": m.get("eval_loss"), "disk_bytes": (run_dir / "adapter.safetensors").stat().st_size,
-        "train_wall_s": train_wall, "wall_s": wall, "tasks": {},
+        "train_wall_s": train_wall, "wall_s": wall, "tasks": {}, "train_dtype": meta.get("compute_dtype"),
     }
     summary = row_dir / "eval" / "summary.json"
     if summary.is_file():
-        for s in json.loads(summary.read_text())["tasks"]:
+        evaluated = json.loads(summary.read_text())
+        result["eval_dtype"] = evaluated.get("dtype")
+        for s in evaluated["tasks"]:
             result["tasks"][s["task"]] = {k: s.get(k) for k in ("accuracy", "ci_low", "ci_high", "accuracy_norm",
                                                                  "loss", "n", "parsed_fraction", "removed_overlap")}
     return result

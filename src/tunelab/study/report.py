@@ -60,6 +60,15 @@ def _task_stats(rows_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any] | N
     return stats
 
 
+def unit_eval_dir(run: Any, factors: dict[str, Any]) -> Path | None:
+    """The evaluation folder of a suite unit (the base, or a final seed), where its per-item rows are read from."""
+    if factors.get("phase") == "base":
+        return run.out / "base" / "eval"
+    if factors.get("phase") == "final":
+        return run.out / "runs" / factors["row"] / f"lr={factors['lr']:g}" / f"seed={factors['seed']}" / "eval"
+    return None
+
+
 def _eval_dirs(run: Any, store: Store, label: str) -> tuple[dict[str, Any], list[Path]]:
     """(facts of a row's final units, their eval folders in seed order)."""
     mine = [r for r in store.rows() if r.factors.get("row") == label]
@@ -87,16 +96,15 @@ def _eval_dirs(run: Any, store: Store, label: str) -> tuple[dict[str, Any], list
                      edge=at_edge([float(x) for x in search], lr))
     configured = next((row.lrs for row in run.cfg.rows if row.label == label), [])
     facts["extended"] = sorted(float(x) for x in search if float(x) not in configured)
-    dirs = [run.out / "runs" / label / f"lr={r.factors['lr']:g}" / f"seed={r.factors['seed']}" / "eval"
-            for r in done]
-    return facts, dirs
+    return facts, [d for d in (unit_eval_dir(run, r.factors) for r in done) if d is not None]
 
 
 def _collect_base(run: Any, result: dict[str, Any]) -> None:
     """The untrained model's per-task scores, the trivial baselines and the decontamination counts."""
     from tunelab.study.baselines import BASELINES
 
-    base_dir = run.out / "base" / "eval"
+    base_dir = unit_eval_dir(run, {"phase": "base"})
+    assert base_dir is not None
     base: dict[str, Any] = {"label": "base", "method": "none (untrained)", "tasks": {}}
     for s in run.cfg.eval.sets:
         for task in (t for t in (s.generate, s.loglik) if t):
@@ -322,6 +330,20 @@ def _unit_commits(store: Store) -> dict[str, int]:
     return counts
 
 
+def unit_dtypes(store: Store) -> dict[str, int]:
+    """How many finished units trained and evaluated in each compute dtype (``auto`` resolves per machine: bf16
+    where it has bf16 units, else fp32), e.g. {"train fp32 · eval fp32": 12}; "unrecorded" for older units."""
+    counts: dict[str, int] = {}
+    for r in store.rows():
+        if r.status != "done":
+            continue
+        m = r.metrics or {}
+        parts = [f"{what} {m[k]}" for what, k in (("train", "train_dtype"), ("eval", "eval_dtype")) if m.get(k)]
+        name = " · ".join(parts) or "unrecorded"
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
 def runtime(store: Store) -> dict[str, Any]:
     """Unit wall time of the study so far, per phase: {"phases": {phase: {"units", "hours"}}, "hours", "pending",
     "failed"} (finished units of the current grid; a unit's time is its whole run: training and evaluation)."""
@@ -358,14 +380,16 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
     result["meta"] = {"command": command or f"tunelab suite {run.source} --scale {run.scale_name}",
                       "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                       "data": json.loads((run.out / "data" / "info.json").read_text()),
-                      "unit_commits": _unit_commits(store), "runtime": runtime(store)}
+                      "unit_commits": _unit_commits(store), "unit_dtypes": unit_dtypes(store),
+                      "runtime": runtime(store)}
     sets = run.cfg.eval.sets
     m = result["meta"]
     header = (f"# {run.cfg.name} — scale {run.scale_name}\n\n"
               f"`{m['command']}` · commit {m['commit']} · {m['machine']['cpu']} ({', '.join(m['machine']['flags'])}; "
               f"{m['machine']['cores']} cores, torch {m['machine']['torch']}) · {m['date']} · "
               f"{m['data']['train']} training / {m['data']['dev']} dev records · units run at "
-              + ", ".join(f"{c} ({n})" for c, n in m["unit_commits"].items()) + "\n\n"
+              + ", ".join(f"{c} ({n})" for c, n in m["unit_commits"].items()) + " · compute dtypes of the units: "
+              + ", ".join(f"{c} ({n})" for c, n in m["unit_dtypes"].items()) + "\n\n"
               + _runtime_line(m["runtime"]) + "\n\n"
               "Accuracy in % with its 95% interval over seeds × items; ⚠ = fails the protocol's collapse check; "
               "Δ base: paired difference to the base row (task-stratified bootstrap, 95%).")

@@ -47,12 +47,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tunelab.config import ConfigError, build, read_yaml
 from tunelab.data import FieldMap, Record, load_source
 from tunelab.data.contamination import question_key
 from tunelab.files import atomic_write_json, atomic_write_text
+from tunelab.scaling.ledger import Ledger, digest
 from tunelab.scaling.store import Heartbeat, Store
 from tunelab.study.compare import (
     CompareConfig,
@@ -113,7 +115,7 @@ class SuiteEval:
     sets: list[SuiteSet]
     baselines: list[str] = field(default_factory=list)
     batch_size: int = 16
-    dtype: str = "bf16"
+    dtype: str = "auto"  # bf16 where this machine has bf16 units, else fp32 (each unit records what it used)
 
 
 @dataclass
@@ -200,6 +202,7 @@ class SuiteRun:
     data_dir: Path
     out: Path
     source: str = ""
+    ledger: Ledger | None = None  # set by attach_ledger: finished units are also written there
 
     @property
     def scale(self) -> SuiteScale:
@@ -356,11 +359,13 @@ def _execute_base(config: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"base evaluation failed (exit {proc.returncode}); see {out / 'log.txt'}")
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    return {"label": "base", "tasks": {s["task"]: s for s in summary["tasks"]}}
+    return {"label": "base", "eval_dtype": summary.get("dtype"), "tasks": {s["task"]: s for s in summary["tasks"]}}
 
 
-def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, Any]) -> dict[str, Any] | None:
-    """The result of unit ``key``: from the store when it finished earlier, else run now (and recorded).
+def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, Any],
+           ledger: Ledger | None = None) -> dict[str, Any] | None:
+    """The result of unit ``key``: from the store when it finished earlier, else run now (and recorded, in the
+    ledger too when there is one).
 
     Returns None when the unit failed (its error is in the store; ``--retry-failed`` runs it again)."""
     store.add_runs([(key, config, factors)])
@@ -384,7 +389,9 @@ def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, An
             print(f"[suite] {claim.key}: failed: {err}", flush=True)
             continue
         result["commit"] = commit()  # the code that produced this unit (a suite may span several commits)
-        store.commit(claim, result, time.perf_counter() - t0)
+        if store.commit(claim, result, time.perf_counter() - t0) and ledger is not None:
+            done = next(r for r in store.rows() if r.key == claim.key)
+            ledger.record(done, ledger_files(ledger_root(store), done))
         print(f"[suite] {claim.key}: done in {time.perf_counter() - t0:.0f} s", flush=True)
 
 
@@ -395,7 +402,7 @@ def run_base(run: SuiteRun, store: Store) -> dict[str, Any] | None:
               "batch_size": run.cfg.eval.batch_size, "tasks": run.tasks(), "limit": run.scale.limit,
               "decontaminate": [str(folder / "train.jsonl"), str(folder / "dev.jsonl")],
               "out": str((run.out / "base").resolve())}
-    return ensure(store, "base", config, {"phase": "base", "row": "base"})
+    return ensure(store, "base", config, {"phase": "base", "row": "base"}, run.ledger)
 
 
 def run_row_units(run: SuiteRun, store: Store, row: SuiteRow) -> dict[str, Any]:
@@ -411,7 +418,7 @@ def run_row_units(run: SuiteRun, store: Store, row: SuiteRow) -> dict[str, Any]:
             if lr in search:
                 continue
             res = ensure(store, f"search/{unit_label(row.label, lr, first)}", _unit(run, row, lr, first, []),
-                         {"phase": "search", "row": row.label, "lr": lr, "seed": first})
+                         {"phase": "search", "row": row.label, "lr": lr, "seed": first}, run.ledger)
             search[lr] = None if res is None else res.get("eval_loss")
         nxt = grid_extension(search)
         if nxt is None or len(lrs) - len(row.lrs) >= MAX_GRID_EXTENSIONS:
@@ -425,7 +432,7 @@ def run_row_units(run: SuiteRun, store: Store, row: SuiteRow) -> dict[str, Any]:
         for seed in run.scale.seeds:
             seeds[seed] = ensure(store, f"final/{unit_label(row.label, lr, seed)}",
                                  _unit(run, row, lr, seed, run.tasks()),
-                                 {"phase": "final", "row": row.label, "lr": lr, "seed": seed})
+                                 {"phase": "final", "row": row.label, "lr": lr, "seed": seed}, run.ledger)
     return {"lr": lr, "search": search, "seeds": seeds}
 
 
@@ -465,7 +472,59 @@ def check_same_units(run: SuiteRun, store: Store) -> None:
                       "--out")
 
 
-def run_suite(run: SuiteRun, *, retry_failed: bool = False) -> Path:
+def ledger_fingerprint(run: SuiteRun) -> dict[str, Any]:
+    """What a suite's unit results depend on beyond their keys: the suite, the training steps and test limit, and
+    the exact training and dev records (so scales with equal settings share a ledger, as they share a folder)."""
+    folder = run.out / "data"
+    return {"suite": run.cfg.name, "units": unit_settings(run),
+            "data": digest(folder / "train.jsonl", folder / "dev.jsonl")}
+
+
+# per-item fields a ledger does not carry: long, and given again by the data (the prompt, the options' texts)
+LEDGER_DROPPED_FIELDS = ("prompt", "labels")
+
+
+def ledger_root(store: Store) -> Path:
+    """The study folder a ledger's file paths are relative to: the store's."""
+    return store.path.parent
+
+
+def ledger_files(root: Path, row: Any) -> dict[str, str]:
+    """What the report reads of a unit besides its metrics: its evaluation folder's summary and per-item rows
+    (without ``LEDGER_DROPPED_FIELDS``), as {path relative to the study folder: text}."""
+    from tunelab.study.report import unit_eval_dir
+
+    folder = unit_eval_dir(SimpleNamespace(out=root), row.factors)
+    if folder is None or not folder.is_dir():
+        return {}
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.suffix == ".jsonl":
+            rows = [json.loads(line) for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+            text = "".join(json.dumps({k: v for k, v in x.items() if k not in LEDGER_DROPPED_FIELDS},
+                                      ensure_ascii=False) + "\n" for x in rows)
+        elif p.name == "summary.json":
+            text = p.read_text(encoding="utf-8")
+        else:
+            continue
+        files[p.relative_to(root).as_posix()] = text
+    return files
+
+
+def attach_ledger(run: SuiteRun, store: Store, folder: str | Path) -> tuple[int, int]:
+    """Bind ``folder`` as the suite's ledger (``tunelab.scaling.ledger``): the store takes the units it has and the
+    store lacks, it takes the store's finished units, and every unit that finishes from now on is written there.
+    Needs the data prepared. Returns (imported, recorded)."""
+    run.ledger = Ledger(folder, ledger_fingerprint(run))
+    root = ledger_root(store)
+    imported, recorded = run.ledger.sync(store, root, lambda row: ledger_files(root, row))
+    if imported or recorded:
+        print(f"[suite] ledger {folder}: {imported} finished units taken from it, {recorded} written to it",
+              flush=True)
+    return imported, recorded
+
+
+def run_suite(run: SuiteRun, *, retry_failed: bool = False, ledger: str | Path | None = None) -> Path:
     """Run (or continue) the whole suite at its scale, then write the report; returns the report folder."""
     from tunelab.study.report import write_report
 
@@ -480,6 +539,8 @@ def run_suite(run: SuiteRun, *, retry_failed: bool = False) -> Path:
     check_same_units(run, store)
     store.set_info("suite", {"source": run.source, "scale": run.scale_name, "name": run.cfg.name})
     store.set_info("units", unit_settings(run))
+    if ledger is not None:
+        attach_ledger(run, store, ledger)
     if retry_failed:
         store.reset_failed()
     run_base(run, store)

@@ -389,6 +389,8 @@ class Trainer:
         return state.step
 
     def _write_meta(self, status: str, **extra: Any) -> None:
+        from tunelab.models import dtype_name
+
         meta = {
             "tunelab_version": tunelab.__version__,
             "status": status,
@@ -403,6 +405,7 @@ class Trainer:
             "data": {k: v for k, v in self.data.stats.items() if k != "bad_rows"},
             "bad_rows": self.data.stats.get("bad_rows", [])[:100],
             "world_size": self.info.world_size,
+            "compute_dtype": dtype_name(self.base_dtype),  # what `auto` resolved to on this machine
             **extra,
         }
         if getattr(self, "final_state_bytes", None) is not None:  # rank 0's share, for DDP/FSDP memory comparisons
