@@ -60,21 +60,29 @@ def test_logprobs_match_hand_computation(name):
 
 
 def test_bf16_model_scores_with_an_fp32_head():
-    """A bf16 model's hidden states go through the vocabulary projection in fp32: the scores equal an fp64 head on
-    the same bf16 hidden states (a bf16 head rounds logits, and options that differ by less than that tie)."""
+    """A bf16 model's hidden states go through the vocabulary projection in fp32: the scores stay close to an fp64
+    head on the same model's bf16 hidden states, far closer than a bf16 head gets (which rounds logits, so options
+    that differ by less than that tie). The hidden states of the batched scorer and of this one-sequence reference
+    differ by bf16 rounding themselves (how much depends on the CPU's bf16 kernels: ~1e-4 on one without bf16
+    units), so the check is relative to the bf16 head's error, not an absolute tolerance."""
     model, tok = tiny("tiny-llama", "bf16")
     got = continuation_logprobs(model, tok, PAIRS, batch_size=8)
-    head = model.get_output_embeddings().weight.double()
+    head = model.get_output_embeddings().weight
+    ours, bf16_head = [], []
     for (ctx, cont), (lp, n) in zip(PAIRS, got, strict=True):
         c = tok(ctx.rstrip(), add_special_tokens=False)["input_ids"] or [tok.bos_token_id]
         whole = tok(ctx + cont, add_special_tokens=False)["input_ids"]
         cids = whole[len(c):] if ctx.strip() else whole
         with torch.no_grad():
             hidden = model.model(input_ids=torch.tensor([c + cids])).last_hidden_state[0]
-        logp = torch.log_softmax(hidden.double() @ head.T, dim=-1)
-        want = sum(float(logp[len(c) - 1 + j, t]) for j, t in enumerate(cids))
+        exact = torch.log_softmax(hidden.double() @ head.double().T, dim=-1)
+        rounded = torch.log_softmax((hidden @ head.T).double(), dim=-1)
+        want = sum(float(exact[len(c) - 1 + j, t]) for j, t in enumerate(cids))
         assert n == len(cids)
-        assert lp == pytest.approx(want, abs=1e-4)
+        assert lp == pytest.approx(want, abs=1e-3)
+        ours.append(abs(lp - want))
+        bf16_head.append(abs(sum(float(rounded[len(c) - 1 + j, t]) for j, t in enumerate(cids)) - want))
+    assert sum(ours) < 0.25 * sum(bf16_head), (ours, bf16_head)
 
 
 def test_batched_equals_one_at_a_time(llama):
