@@ -5,10 +5,9 @@ a ledger is what survives it. Every finished run of a study that has one is writ
 (``runs/<key>.json``: key, factors, metrics, seconds, config, and the result files the study's report reads, as
 text under their paths relative to the study folder — atomically), and a study opened with a ledger first
 imports every run the ledger has and the store lacks as finished (writing its files back into the study folder),
-and writes every finished run the store has and
-the ledger lacks. So a study continued on a fresh machine from a clone — the same command with the same
-``--ledger`` and an empty ``--out`` — trains nothing that finished before, and its report is built from the same
-results.
+and writes every finished run the store has and the ledger lacks. So a study continued on a fresh machine from a
+clone — the same command with the same ``--ledger`` and an empty ``--out`` — trains nothing that finished before,
+and its report is built from the same results.
 
 ``ledger.json`` holds the study's *fingerprint*: what a run's key does not say but its result depends on (for a
 suite: its name, training steps, test limit and the digest of the training and dev records). A ledger is refused by

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.scaling.execute import execute_run
+from tunelab.scaling.ledger import Ledger
 from tunelab.scaling.spec import SweepSpec, expand
 from tunelab.scaling.store import Claim, Heartbeat, Store
 
@@ -100,7 +101,7 @@ class RunReporter:
     """A sweep's progress over its runs: a bar on a terminal; elsewhere one line per run as it finishes
     (tunelab.progress). ``poll`` reads the store at most every ``every`` seconds."""
 
-    def __init__(self, store: Store, every: float = 2.0, ledger: Any = None) -> None:
+    def __init__(self, store: Store, every: float = 2.0, ledger: Ledger | None = None) -> None:
         from tunelab import progress
 
         self.store, self.every, self.last, self.ledger = store, every, 0.0, ledger
@@ -166,11 +167,9 @@ def prepare(spec: SweepSpec, retry_failed: bool = False, ledger: str | Path | No
     return store
 
 
-def sweep_ledger(spec: SweepSpec, folder: str | Path) -> Any:
+def sweep_ledger(spec: SweepSpec, folder: str | Path) -> Ledger:
     """A sweep's ledger. A run's key is the hash of its whole config, so the study's name is all its fingerprint
     needs: an entry whose config this spec no longer makes is kept, retired, never fitted."""
-    from tunelab.scaling.ledger import Ledger
-
     return Ledger(folder, {"sweep": spec.name})
 
 
