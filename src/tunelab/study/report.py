@@ -60,12 +60,18 @@ def _task_stats(rows_per_seed: list[list[dict[str, Any]]]) -> dict[str, Any] | N
     return stats
 
 
-def unit_eval_dir(run: Any, factors: dict[str, Any]) -> Path | None:
-    """The evaluation folder of a suite unit (the base, or a final seed), where its per-item rows are read from."""
+def base_eval_dir(out: Path) -> Path:
+    """The untrained model's evaluation folder in the suite folder ``out``."""
+    return out / "base" / "eval"
+
+
+def unit_eval_dir(out: Path, factors: dict[str, Any]) -> Path | None:
+    """The evaluation folder of a suite unit (the base, or a final seed) in the suite folder ``out``, where its
+    per-item rows are read from; None for a unit without one (a search point)."""
     if factors.get("phase") == "base":
-        return run.out / "base" / "eval"
+        return base_eval_dir(out)
     if factors.get("phase") == "final":
-        return run.out / "runs" / factors["row"] / f"lr={factors['lr']:g}" / f"seed={factors['seed']}" / "eval"
+        return out / "runs" / factors["row"] / f"lr={factors['lr']:g}" / f"seed={factors['seed']}" / "eval"
     return None
 
 
@@ -96,15 +102,14 @@ def _eval_dirs(run: Any, store: Store, label: str) -> tuple[dict[str, Any], list
                      edge=at_edge([float(x) for x in search], lr))
     configured = next((row.lrs for row in run.cfg.rows if row.label == label), [])
     facts["extended"] = sorted(float(x) for x in search if float(x) not in configured)
-    return facts, [d for d in (unit_eval_dir(run, r.factors) for r in done) if d is not None]
+    return facts, [d for d in (unit_eval_dir(run.out, r.factors) for r in done) if d is not None]
 
 
 def _collect_base(run: Any, result: dict[str, Any]) -> None:
     """The untrained model's per-task scores, the trivial baselines and the decontamination counts."""
     from tunelab.study.baselines import BASELINES
 
-    base_dir = unit_eval_dir(run, {"phase": "base"})
-    assert base_dir is not None
+    base_dir = base_eval_dir(run.out)
     base: dict[str, Any] = {"label": "base", "method": "none (untrained)", "tasks": {}}
     for s in run.cfg.eval.sets:
         for task in (t for t in (s.generate, s.loglik) if t):

@@ -47,7 +47,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from tunelab.config import ConfigError, build, read_yaml
@@ -494,7 +493,7 @@ def ledger_files(root: Path, row: Any) -> dict[str, str]:
     (without ``LEDGER_DROPPED_FIELDS``), as {path relative to the study folder: text}."""
     from tunelab.study.report import unit_eval_dir
 
-    folder = unit_eval_dir(SimpleNamespace(out=root), row.factors)
+    folder = unit_eval_dir(root, row.factors)
     if folder is None or not folder.is_dir():
         return {}
     files = {}
