@@ -159,3 +159,45 @@ def test_real_slice_end_to_end(shared_data, tmp_path, task):
     assert s["n"] == 20
     rows = [json.loads(x) for x in (tmp_path / f"{task}.jsonl").read_text().splitlines()]
     assert len(rows) == 20 and all(r["gold"] for r in rows)
+
+
+def test_an_interrupted_evaluation_keeps_the_tasks_it_finished(tmp_path, monkeypatch, capsys):
+    """A task whose summary OUT holds with the same settings is kept; other settings, or --fresh, run it again."""
+    from tunelab.eval import harness
+
+    opts = EvalOptions(limit=4, out_dir=str(tmp_path), batch_size=4)
+    first = evaluate("tiny-llama", ["synth-reverse", "synth-arith"], opts)
+    ran = []
+    real = dict(harness.RUNNERS)
+    monkeypatch.setitem(harness.RUNNERS, "generate",
+                        lambda *a, **k: (ran.append(a[2].name), real["generate"](*a, **k))[1])
+    again = evaluate("tiny-llama", ["synth-reverse", "synth-arith"], opts)
+    assert ran == [] and again == first and "finished earlier with the same settings" in capsys.readouterr().out
+    evaluate("tiny-llama", ["synth-reverse"], EvalOptions(limit=3, out_dir=str(tmp_path), batch_size=4))
+    assert ran == ["synth-reverse"]  # other items: run again
+    evaluate("tiny-llama", ["synth-reverse"], EvalOptions(limit=3, out_dir=str(tmp_path), batch_size=2))
+    assert ran == ["synth-reverse"] * 2  # another batch size
+    evaluate("tiny-llama", ["synth-reverse"], EvalOptions(limit=3, out_dir=str(tmp_path), batch_size=2, fresh=True))
+    assert ran == ["synth-reverse"] * 3
+    (tmp_path / "synth-arith.jsonl").unlink()  # rows lost: the summary alone is not kept
+    evaluate("tiny-llama", ["synth-arith"], opts)
+    assert ran == ["synth-reverse"] * 3 + ["synth-arith"]
+
+
+def test_a_run_trained_again_is_evaluated_again(tmp_path):
+    from tunelab.eval.harness import model_identity
+    from tunelab.rundir import ADAPTER_FILE, CONFIG_FILE, META_FILE
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name, text in ((META_FILE, "{}"), (CONFIG_FILE, "a: 1\n"), (ADAPTER_FILE, "w1")):
+        (run / name).write_text(text)
+    before = model_identity(str(run), "fp32")
+    assert model_identity(str(run), "fp32") == before and model_identity(str(run), "bf16") != before
+    (run / ADAPTER_FILE).write_text("w2")
+    assert model_identity(str(run), "fp32") != before
+    model = tmp_path / "model.gguf"
+    model.write_text("x")
+    stamp = model_identity(str(model), "fp32")
+    model.write_text("xy")
+    assert model_identity(str(model), "fp32") != stamp

@@ -75,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto (a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N")
     e.add_argument("--out", help="output folder for per-example JSONL and summaries (default: RUN/eval or eval/)")
     e.add_argument("--allow-base-mismatch", action="store_true")
+    e.add_argument("--fresh", action="store_true",
+                   help="run every task again; by default a task whose results OUT already holds with the same "
+                        "settings (same weights, dtype, task, template, batch size and items) is kept, so an "
+                        "interrupted evaluation continues")
     e.add_argument("--decontaminate", action="append", default=[], metavar="FILE",
                    help="leave out test questions that also occur in this training/dev file (normalised text; "
                         "repeatable; a JSONL of instruction records, as `tunelab suite` writes)")
@@ -238,7 +242,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     out = args.out or (str(Path(args.target) / "eval") if is_run_dir(args.target) else "eval")
     opts = EvalOptions(data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
-                       template=args.template, out_dir=out, exclude=seen_questions(args.decontaminate))
+                       template=args.template, out_dir=out, exclude=seen_questions(args.decontaminate),
+                       fresh=args.fresh)
     summaries = evaluate(args.target, args.task, opts, dtype=args.dtype, tasks_dirs=args.tasks_dir,
                          allow_base_mismatch=args.allow_base_mismatch, device=args.device)
     for s in summaries:

@@ -3,10 +3,17 @@
 Every task writes ``OUT/<task>.jsonl`` (one row per example: prompt, raw output, parsed answer, gold, correct) and a
 summary (accuracy with a bootstrap 95% interval, n, tokens generated, wall time); ``OUT/summary.json`` collects
 them. The numbers come from ``tunelab.eval.metrics`` and ``tunelab.train.objective``, the same code every report uses.
+
+An evaluation stopped part-way resumes: a task whose summary in OUT was written with the same *settings* (the
+model's identity — a run's weights digest or a model name — the resolved dtype, the task's definition, template,
+batch size, and a digest of the exact items scored) is kept and not run again; any difference runs it afresh
+(``fresh=True``, ``tunelab eval --fresh``, always does).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import time
 from collections.abc import Sequence
@@ -33,6 +40,7 @@ class EvalOptions:
     template: str | None = None  # overrides the task's template (a run's training template by default)
     out_dir: str | None = None
     exclude: frozenset[str] = frozenset()  # normalised question texts to leave out (tunelab.data.contamination)
+    fresh: bool = False  # run every task again even where OUT holds its summary with the same settings
 
 
 def _rows_to_jsonl(rows: Sequence[dict[str, Any]]) -> str:
@@ -132,21 +140,75 @@ def run_loss(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: 
 RUNNERS = {"generate": run_generate, "loglik": run_loglik, "loss": run_loss}
 
 
+def task_settings(spec: TaskSpec, records: list[Record], template: str, opts: EvalOptions,
+                  identity: dict[str, Any] | None) -> str:
+    """A digest of everything a task's result depends on besides the code: the model's identity, the task's
+    definition (less the file it was read from), the template, the batch size and the exact items scored."""
+    spec_fields = {k: v for k, v in dataclasses.asdict(spec).items() if k != "source_file"}
+    items = [[r.instruction, r.input, r.output, list(r.options)] for r in records]
+    blob = json.dumps({"model": identity, "task": spec_fields, "template": template,
+                       "batch_size": opts.batch_size, "items": items}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _finished(out: Path, spec: TaskSpec, settings: str) -> dict[str, Any] | None:
+    """The summary of this task written earlier under ``out`` with the same settings (and its rows), else None."""
+    summary, rows = out / f"{spec.name}.summary.json", out / f"{spec.name}.jsonl"
+    if not (summary.is_file() and rows.is_file()):
+        return None
+    try:
+        done = json.loads(summary.read_text())
+    except (OSError, ValueError):
+        return None
+    return done if isinstance(done, dict) and done.get("settings") == settings else None
+
+
 def evaluate_task(model: Any, tok: Any, spec: TaskSpec, opts: EvalOptions,
-                  default_template: str | None = None) -> dict[str, Any]:
-    """Run one task; write its rows and summary under opts.out_dir (if given); return the summary."""
+                  default_template: str | None = None, identity: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one task; write its rows and summary under opts.out_dir (if given); return the summary.
+
+    With an ``identity`` of the model (``model_identity``) a task finished earlier under opts.out_dir with the same
+    settings is returned as it was, not run again (unless ``opts.fresh``)."""
     template = opts.template or default_template or spec.template
     records, removed = select_examples(spec, opts.data_dir, opts.limit, opts.exclude)
+    settings = task_settings(spec, records, template, opts, identity) if identity is not None else None
+    if opts.out_dir and settings and not opts.fresh and (done := _finished(Path(opts.out_dir), spec, settings)):
+        print(f"[eval] {spec.name}: finished earlier with the same settings; kept ({opts.out_dir})", flush=True)
+        return done
     t0 = time.perf_counter()
     rows, summary = RUNNERS[spec.kind](model, tok, spec, records, opts, template)
     summary = {"task": spec.name, "kind": spec.kind, **summary, "seconds": time.perf_counter() - t0,
                "template": template if spec.kind != "loglik" or spec.choices.style in ("label-words", "trained")
                else None, "limit": opts.limit, "removed_overlap": removed}
+    if settings:
+        summary["settings"] = settings
     if opts.out_dir:
         out = Path(opts.out_dir)
         atomic_write_text(out / f"{spec.name}.jsonl", _rows_to_jsonl(rows))
         atomic_write_json(out / f"{spec.name}.summary.json", summary)
     return summary
+
+
+def model_identity(target: str, dtype: str) -> dict[str, Any]:
+    """What names the weights an evaluation of ``target`` scores: a run directory by the sha256 of its adapter
+    file and its config (so a run trained again is a different model), a model spec by its name; and the dtype."""
+    from tunelab.rundir import ADAPTER_FILE, CONFIG_FILE, is_run_dir
+
+    if is_run_dir(target):
+        h = hashlib.sha256()
+        for name in (ADAPTER_FILE, CONFIG_FILE):
+            path = Path(target) / name
+            if path.is_file():
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 22), b""):
+                        h.update(chunk)
+            h.update(b"\0")
+        return {"run": h.hexdigest(), "dtype": dtype}
+    path = Path(target)  # a model folder or file: its files' sizes and times (a name alone for an alias)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path] if path.is_file() else []
+    stamp = [[str(p.relative_to(path) if path.is_dir() else p.name), p.stat().st_size, p.stat().st_mtime_ns]
+             for p in files]
+    return {"model": target, "files": stamp, "dtype": dtype}
 
 
 def load_target(target: str, dtype: str = "fp32", allow_base_mismatch: bool = False):
@@ -181,8 +243,9 @@ def evaluate(target: str, task_names: Sequence[str], opts: EvalOptions, *, dtype
             model.to(where)
     from tunelab.quant.linear import inference_weights
 
+    identity = model_identity(target, resolved) if resolved is not None else None  # a model passed in: no resume
     with inference_weights(model):  # quantized bases: dequantize once for the whole evaluation, not per call
-        summaries = [evaluate_task(model, tokenizer, spec, opts, default_template) for spec in specs]
+        summaries = [evaluate_task(model, tokenizer, spec, opts, default_template, identity) for spec in specs]
     if opts.out_dir:
         atomic_write_json(Path(opts.out_dir) / "summary.json", {"target": target, "dtype": resolved,
                                                                   "tasks": summaries})
