@@ -286,3 +286,19 @@ def test_grid_extends_past_an_edge_that_wins():
     assert grid_extension({1e-4: 0.1, 1e-3: 0.2, 1e-2: 0.3}) == 1e-5  # best at the bottom
     assert grid_extension({1e-4: 0.3, 1e-3: 0.1, 1e-2: 0.2}) is None
     assert grid_extension({1e-4: None, 1e-3: None}) is None
+
+
+def test_units_checkpoint_so_a_stopped_suite_loses_little(tmp_path):
+    """Every unit's training checkpoints every CHECKPOINT_EVERY steps (one kept), unless the suite says otherwise."""
+    from tunelab.study.suite import CHECKPOINT_EVERY, _unit, open_suite, prepare_data
+
+    run = open_suite(_suite(tmp_path), _data_dir(tmp_path), "small", tmp_path / "out")
+    prepare_data(run)
+    train = _unit(run, run.cfg.rows[0], 1e-3, 0, [])["compare"]["base"]["train"]
+    assert (train["save_every"], train["keep_checkpoints"]) == (CHECKPOINT_EVERY, 1)
+    path = _suite(tmp_path)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["train"]["save_every"] = 7
+    path.write_text(yaml.safe_dump(cfg))
+    run = open_suite(path, tmp_path / "data", "small", tmp_path / "out")
+    assert _unit(run, run.cfg.rows[0], 1e-3, 0, [])["compare"]["base"]["train"]["save_every"] == 7

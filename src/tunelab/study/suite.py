@@ -34,7 +34,9 @@ What it does, in order, for each row (rows are finished one by one, so a partial
 
 Every unit (a base evaluation, a search point, a final seed) is a row of a SQLite store (``OUT/study.sqlite``,
 the store of ``tunelab sweep``): finished units are never run again, and a killed suite continues with the same
-command. ``tunelab runs OUT`` lists them.
+command. ``tunelab runs OUT`` lists them. Within a unit nothing long is lost either: training checkpoints every
+``CHECKPOINT_EVERY`` steps (one checkpoint kept; resumed bit-exactly) and an evaluation keeps the test sets it
+finished (``tunelab.eval.harness``).
 """
 
 from __future__ import annotations
@@ -299,13 +301,19 @@ def prepare_data(run: SuiteRun) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------------ units
 
 
+# A unit's training checkpoints this often (steps) unless the suite's train section says otherwise, keeping one:
+# a suite stopped mid-unit (a machine handed back) loses at most this many steps of that unit.
+CHECKPOINT_EVERY = 50
+
+
 def _base_config(run: SuiteRun) -> dict[str, Any]:
     d = run.cfg.data
     folder = (run.out / "data").resolve()
+    train = {"save_every": CHECKPOINT_EVERY, "keep_checkpoints": 1, **run.cfg.train}
     return {"model": dict(run.cfg.model),
             "data": {"train": str(folder / "train.jsonl"), "eval": str(folder / "dev.jsonl"),
                      "template": d.template, "max_length": d.max_length, "eval_max_examples": d.dev_max},
-            "train": {**run.cfg.train, "max_steps": run.scale.max_steps, "progress": False}}
+            "train": {**train, "max_steps": run.scale.max_steps, "progress": False}}
 
 
 def _compare_eval(run: SuiteRun, tasks: list[str]) -> CompareEval:
