@@ -32,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 QUICK_TRAIN = ("tunelab-lora,peft-lora-fp32,peft-lora-bf16,trl-lora-fp32,trl-lora-bf16,tunelab-full,plain-full-fp32,"
                "plain-full-bf16autocast")
 BENCHMARKS: list[tuple[str, str, list[str], list[str] | None]] = [
-    ("train-throughput", "train_throughput.py", ["--repeats", "3"],
-     ["--steps", "4", "--warmup", "1", "--only", QUICK_TRAIN, "--wait-idle", "20", "--retry-noisy", "0"]),
+    ("train-throughput", "train_throughput.py", ["--repeats", "3", "--skip-emulated-bf16"],
+     ["--steps", "4", "--warmup", "1", "--only", QUICK_TRAIN, "--wait-idle", "20", "--retry-noisy", "0",
+      "--skip-emulated-bf16"]),
     ("reft-throughput", "reft_throughput.py", [], ["--steps", "4", "--warmup", "1", "--wait-idle", "20"]),
     ("masking-throughput", "masking_throughput.py", [],
      ["--steps", "4", "--warmup", "1", "--only", "tunelab-mask-0.1%,naive-mask-0.1%", "--wait-idle", "20"]),

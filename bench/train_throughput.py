@@ -46,6 +46,7 @@ from harness import (  # noqa: E402
     SEQ_LEN,
     Probes,
     add_common_args,
+    cpu_info,
     environment,
     load_average,
     log,
@@ -508,6 +509,10 @@ def run_config(args: argparse.Namespace, name: str, workdir: Path, rep: int) -> 
     return best
 
 
+def has_bf16_units() -> bool:
+    return bool(set(cpu_info().get("flags") or []) & {"amx_bf16", "avx512_bf16"})
+
+
 def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[str, Any]:
     log(f"preparing data and model description in {workdir}")
     prep = run_child("prepare", workdir, args.steps, args.timeout)
@@ -523,6 +528,14 @@ def run_all(args: argparse.Namespace, names: list[str], workdir: Path) -> dict[s
     if not (ADAPTERS_PYTHON and Path(ADAPTERS_PYTHON).exists()):
         skipped.update({n: "set TUNELAB_ADAPTERS_PYTHON to a Python with adapters 1.x + transformers 4.x (see "
                            "bench/README.md)" for n in names if CONFIGS[n].kind == "adapters"})
+    if args.skip_emulated_bf16 and not has_bf16_units():
+        m = mm[0] if mm[0].get("status") == "ok" else {}
+        measured = (f"; matmul peak here bf16 {m['peak_bf16_tflops']:.3f} vs fp32 {m['peak_fp32_tflops']:.3f} "
+                    "TFLOP/s" if m else "")
+        skipped.update({n: "bf16 is emulated on this CPU (no AMX or AVX512-BF16 units" + measured + "): a peer in "
+                           "bf16 runs several times slower than in fp32, and the targets on such a machine are "
+                           "against the peers' fp32 configurations (--skip-emulated-bf16)"
+                        for n in names if CONFIGS[n].kind != "tunelab" and compute_dtype(CONFIGS[n], prep) == "bf16"})
     runs: dict[str, list[dict[str, Any]]] = {n: [] for n in names if n not in skipped}
     for rep in range(args.repeats):
         for name in runs:
@@ -616,6 +629,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warm-compile-cache", action="store_true",
                    help="let compile variants use the user's TorchInductor cache (default: an empty cache per "
                         "run, so the reported compile time is that of a first compilation)")
+    p.add_argument("--skip-emulated-bf16", action="store_true",
+                   help="on a CPU without bf16 units (no AMX / AVX512-BF16), leave out the peers' bf16 "
+                        "configurations (recorded as skipped, with the measured matmul peaks): there bf16 is "
+                        "emulated, each such step takes minutes, and the targets are against fp32 (make bench "
+                        "passes this)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         p.error("--steps and --repeats must be at least 1")
