@@ -302,3 +302,37 @@ def test_units_checkpoint_so_a_stopped_suite_loses_little(tmp_path):
     path.write_text(yaml.safe_dump(cfg))
     run = open_suite(path, tmp_path / "data", "small", tmp_path / "out")
     assert _unit(run, run.cfg.rows[0], 1e-3, 0, [])["compare"]["base"]["train"]["save_every"] == 7
+
+
+def test_the_report_says_what_is_left_and_how_long_it_may_take(tmp_path):
+    """Units left per phase (the base, each row's grid points, its seeds) and hours at the median unit time so far;
+    no estimate while a phase with units left has none finished."""
+    from tunelab.scaling.store import Store
+    from tunelab.study.report import _remaining_line, remaining
+    from tunelab.study.suite import open_suite
+
+    run = open_suite(_suite(tmp_path), _data_dir(tmp_path), "small", tmp_path / "out")  # grid 1e-3, 1e-2; seeds 0, 1
+    store = Store(tmp_path / "study.sqlite")
+
+    def finish(key, factors, seconds):
+        store.add_runs([(key, {"kind": "x"}, factors)])
+        claim = store.claim()
+        assert claim.key == key
+        store.commit(claim, {}, seconds)
+
+    left = remaining(run, store)
+    assert left["units"] == {"base": 1, "search": 2, "final": 2} and left["hours"] is None
+    assert "no estimate yet: no base or search or final unit has finished" in _remaining_line(left)
+    finish("base", {"phase": "base", "row": "base"}, 600.0)
+    finish("search/lora/lr=0.001/seed=0", {"phase": "search", "row": "lora", "lr": 1e-3, "seed": 0}, 1200.0)
+    finish("search/lora/lr=0.01/seed=0", {"phase": "search", "row": "lora", "lr": 1e-2, "seed": 0}, 1800.0)
+    left = remaining(run, store)
+    assert left["units"] == {"base": 0, "search": 0, "final": 2} and left["hours"] is None
+    finish("final/lora/lr=0.01/seed=0", {"phase": "final", "row": "lora", "lr": 1e-2, "seed": 0}, 3600.0)
+    left = remaining(run, store)
+    assert left["units"] == {"base": 0, "search": 0, "final": 1} and left["hours"] == 1.0
+    assert left["median_s"] == {"base": 600, "search": 1500, "final": 3600}
+    assert _remaining_line(left) == ("Left for this scale: 1 final units (a grid extension adds search units) ≈ "
+                                     "1.0 h at the median unit wall time so far (final 60 min).")
+    finish("final/lora/lr=0.01/seed=1", {"phase": "final", "row": "lora", "lr": 1e-2, "seed": 1}, 3000.0)
+    assert _remaining_line(remaining(run, store)) == "Every unit of this scale has run."

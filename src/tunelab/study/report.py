@@ -369,6 +369,44 @@ def runtime(store: Store) -> dict[str, Any]:
             "failed": failed}
 
 
+def remaining(run: Any, store: Store) -> dict[str, Any]:
+    """What the scale still has to run, and an estimate of how long: {"units": {phase: count}, "median_s": {phase:
+    median unit wall time so far}, "hours": estimate or None when a phase with units left has none finished yet}.
+    Counts the base, each row's configured grid points and its seeds; a grid extension past a winning edge
+    (``tunelab.study.suite``) adds search units not counted here."""
+    done = [r for r in store.rows() if r.status == "done"]
+    have = {(r.factors.get("phase"), r.factors.get("row"), r.factors.get("lr"), r.factors.get("seed")) for r in done}
+    left = {"base": 0 if any(r.factors.get("phase") == "base" for r in done) else 1, "search": 0, "final": 0}
+    first = run.scale.seeds[0]
+    for row in run.rows():
+        left["search"] += sum(("search", row.label, lr, first) not in have for lr in row.lrs)
+        seeds = {k[3] for k in have if k[0] == "final" and k[1] == row.label}
+        left["final"] += sum(s not in seeds for s in run.scale.seeds)
+    median = {}
+    for phase in left:
+        times = sorted(r.seconds for r in done if r.factors.get("phase") == phase and r.seconds)
+        if times:
+            median[phase] = float(np.median(times))
+    known = all(n == 0 or phase in median for phase, n in left.items())
+    hours = sum(n * median.get(phase, 0.0) for phase, n in left.items()) / 3600 if known else None
+    return {"units": left, "median_s": {k: round(v) for k, v in median.items()},
+            "hours": None if hours is None else round(hours, 1)}
+
+
+def _remaining_line(left: dict[str, Any]) -> str:
+    units = {k: n for k, n in left["units"].items() if n}
+    if not units:
+        return "Every unit of this scale has run."
+    parts = ", ".join(f"{n} {phase}" for phase, n in units.items())
+    times = ", ".join(f"{phase} {left['median_s'][phase] / 60:.0f} min" for phase in units if phase in left["median_s"])
+    missing = [phase for phase in units if phase not in left["median_s"]]
+    line = f"Left for this scale: {parts} units (a grid extension adds search units)"
+    if left["hours"] is not None:
+        return line + f" ≈ {left['hours']:.1f} h at the median unit wall time so far ({times})."
+    return (line + " — no estimate yet: no " + " or ".join(missing) + " unit has finished"
+            + (f" (median so far: {times})." if times else "."))
+
+
 def _runtime_line(rt: dict[str, Any]) -> str:
     parts = ", ".join(f"{name} {p['units']} units {p['hours']:.1f} h" for name, p in sorted(rt["phases"].items()))
     line = f"Runtime so far: {rt['hours']:.1f} h of unit wall time ({parts})"
@@ -386,7 +424,7 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
                       "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                       "data": json.loads((run.out / "data" / "info.json").read_text()),
                       "unit_commits": _unit_commits(store), "unit_dtypes": unit_dtypes(store),
-                      "runtime": runtime(store)}
+                      "runtime": runtime(store), "remaining": remaining(run, store)}
     sets = run.cfg.eval.sets
     m = result["meta"]
     header = (f"# {run.cfg.name} — scale {run.scale_name}\n\n"
@@ -395,7 +433,7 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
               f"{m['data']['train']} training / {m['data']['dev']} dev records · units run at "
               + ", ".join(f"{c} ({n})" for c, n in m["unit_commits"].items()) + " · compute dtypes of the units: "
               + ", ".join(f"{c} ({n})" for c, n in m["unit_dtypes"].items()) + "\n\n"
-              + _runtime_line(m["runtime"]) + "\n\n"
+              + _runtime_line(m["runtime"]) + " " + _remaining_line(m["remaining"]) + "\n\n"
               "Accuracy in % with its 95% interval over seeds × items; ⚠ = fails the protocol's collapse check; "
               "Δ base: paired difference to the base row (task-stratified bootstrap, 95%).")
     removed = result.get("removed_overlap") or {}
