@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
+import torch
 
-from tunelab.data import DataError, FieldMap, Record, load_source
+from tunelab.data import DataError, FieldMap, Record, load_source, tokenize_records
 from tunelab.data.contamination import keys, normalise, overlap, question_key
 from tunelab.data.formats import mc_text_prompt
 from tunelab.eval.parsers import eval_arithmetic, make_parser, parse_equation, parse_option
@@ -136,10 +138,21 @@ def test_trained_items_score_options_after_the_training_prompt(tmp_path):
     row = json.loads((tmp_path / "ll.jsonl").read_text().splitlines()[0])
     (record,), _ = load_source(_write(tmp_path, [{"instruction": ARC, "answer": "answer2"}], "one.jsonl"),
                                FieldMap(output="answer"), format="mc-text")
-    prompt = render_prompt(record, "alpaca")
-    by_hand = continuation_logprobs(model, tok, [(prompt, o) for o in record.options])
-    assert row["logprobs"] == pytest.approx([lp for lp, _ in by_hand], abs=1e-4)
+    # by hand: the training tokens (prompt ids, then the option's response ids) through the plain model, the
+    # option's log-probabilities summed (training's EOS is not scored)
+    by_hand = []
+    for option in record.options:
+        [ex], _ = tokenize_records([dataclasses.replace(record, output=option)], tok, template="alpaca")
+        ids = torch.tensor([ex.input_ids])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), -1)
+        targets = [(k, t) for k, t in enumerate(ex.labels[1:]) if t != -100][:-1]  # the EOS target left out
+        by_hand.append(sum(float(logp[k, t]) for k, t in targets))
+    assert row["logprobs"] == pytest.approx(by_hand, abs=1e-4)
     assert row["gold_index"] == 1 and row["pred_index"] in (0, 1, 2)
+    # the texts tokenised the lm-eval way move the prompt's final newline into every continuation: another number
+    lm_eval_way = continuation_logprobs(model, tok, [(render_prompt(record, "alpaca"), o) for o in record.options])
+    assert abs(lm_eval_way[0][0] - by_hand[0]) > 1e-3
 
     gen = TaskSpec(name="gen", data=str(data), format="mc-text", parser={"name": "option"},
                    generation=TaskGeneration(max_new_tokens=4))

@@ -473,6 +473,12 @@ def test_label_words_task_uses_the_runs_template(tmp_path):
     summary = evaluate_task(model, tok, spec, EvalOptions(out_dir=str(tmp_path)), default_template="plain")
     assert summary["n"] == 3 and summary["template"] == "plain"
     [row, *_] = [_json.loads(x) for x in (tmp_path / "lw.jsonl").read_text().splitlines()]
-    context = f"{ARC}\n"
-    by_hand = continuation_logprobs(model, tok, [(context, f"the correct answer is answer{k}") for k in range(1, 5)])
+    # by hand, on the training tokens: the plain template's prompt ids (the text and its newline), then each label's
+    # response ids, as training encodes them
+    from tunelab.data import Record, encode_prompts, encode_responses
+
+    [prompt] = encode_prompts([Record(ARC, "", "x")], tok, template="plain")
+    answers = encode_responses([f"the correct answer is answer{k}" for k in range(1, 5)], tok)
+    by_hand = continuation_logprobs(model, tok, [(prompt, a) for a in answers])
     assert row["logprobs"] == pytest.approx([lp for lp, _ in by_hand], abs=1e-4)
+    assert tok.decode(prompt).endswith(f"{ARC}\n")

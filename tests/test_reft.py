@@ -397,3 +397,38 @@ def test_parameter_count_of_the_benchmark_setting():
         model = LlamaForCausalLM(cfg)
     assert loreft.num_parameters(model, loreft.Config(r=4)) == 138_360
     assert direft.num_parameters(model, direft.Config(r=4, tied=False)) == 276_720
+
+
+@pytest.mark.parametrize("module", VARIANTS)
+def test_trained_format_scores_match_the_training_objective(module, tmp_path):
+    """A ReFT model's log-likelihood of each option in the trained format (loglik styles 'trained' and
+    'label-words') is minus the training objective's NLL of that option as the response (EOS not scored): the
+    interventions sit on the prompt positions training used. Scored the lm-eval way (the prompt's final newline moved
+    into the continuation) the last-position edits would shift by one token and these would differ."""
+    import dataclasses
+
+    from tunelab.data import Record, collate, tokenize_records
+    from tunelab.eval.choices import TRAINED
+    from tunelab.eval.harness import mc_items
+    from tunelab.eval.loglik import continuation_logprobs, score_multiple_choice
+    from tunelab.eval.tasks import TaskChoices, TaskSpec
+    from tunelab.train.objective import nll_sum
+
+    model, tok, handle = _apply("tiny-llama", module, r=2, positions="f1+l3")
+    _randomise(handle)
+    records = [Record("Which one is a planet? Options: Mars; the Sun; Io", "", "Mars", options=("Mars", "the Sun", "Io")),
+               Record("Pick the even number. Options: 3; 8", "", "8", options=("3", "8"))]
+    spec = TaskSpec(name="t", data="x", kind="loglik", format="mc-text", choices=TaskChoices(style=TRAINED))
+    items = mc_items(spec, records, tok, "alpaca")
+    results = score_multiple_choice(model, tok, items, batch_size=2)
+    for record, item, res in zip(records, items, results, strict=True):
+        expected = []
+        for option in record.options:
+            [ex], _ = tokenize_records([dataclasses.replace(record, output=option)], tok, template="alpaca")
+            ex.labels[-1] = -100  # training's EOS target: not part of the option
+            with torch.no_grad():
+                total, _ = nll_sum(model, collate([ex], tok.pad_token_id))
+            expected.append(-float(total))
+        assert res.logprobs == pytest.approx(expected, abs=1e-4)
+        lm_eval_way = [lp for lp, _ in continuation_logprobs(model, tok, [(item.context, o) for o in item.options])]
+        assert max(abs(a - b) for a, b in zip(lm_eval_way, expected, strict=True)) > 1e-3

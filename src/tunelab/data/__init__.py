@@ -13,7 +13,14 @@ from tunelab.data.records import BadRow, DataError, FieldMap, Record, load_recor
 from tunelab.data.sources import load_source
 from tunelab.data.synthetic import SPLITS, SYNTHETIC_TASKS, SyntheticTask, generate, parse_synthetic_spec
 from tunelab.data.templates import TEMPLATES, check_template, render_prompt
-from tunelab.data.tokenize import IGNORE_INDEX, Example, TokenizeStats, encode_prompts, tokenize_records
+from tunelab.data.tokenize import (
+    IGNORE_INDEX,
+    Example,
+    TokenizeStats,
+    encode_prompts,
+    encode_responses,
+    tokenize_records,
+)
 
 __all__ = [
     "IGNORE_INDEX",
@@ -32,6 +39,7 @@ __all__ = [
     "collate",
     "collate_packed",
     "encode_prompts",
+    "encode_responses",
     "generate",
     "load_records",
     "load_source",

@@ -72,7 +72,7 @@ def tokenize_records(
                             f"mixed in one data set; give each kind its own file", source=chats[0].source)
         return _tokenize_chats(chats, tokenizer, max_length, train_on_prompt, skip_bad_rows)
     prompt_ids = encode_prompts(records, tokenizer, template=template)
-    response_ids = _encode(tokenizer, [r.output for r in records], add_special_tokens=False)
+    response_ids = encode_responses([r.output for r in records], tokenizer)
     examples: list[Example] = []
     stats = TokenizeStats()
     for record, p_ids, r_ids in zip(records, prompt_ids, response_ids, strict=True):
@@ -156,6 +156,12 @@ def encode_prompts(records: Sequence[Record], tokenizer: Any, *, template: str =
     ids = _encode(tokenizer, prompts, add_special_tokens=True)
     n_suffix = _special_suffix_len(tokenizer)
     return [seq[: len(seq) - n_suffix] for seq in ids] if n_suffix else ids
+
+
+def encode_responses(texts: Sequence[str], tokenizer: Any) -> list[list[int]]:
+    """Response token ids exactly as training appends them after the prompt (encoded on their own, no special
+    tokens; training then adds EOS): what scoring a response "in the training format" must score."""
+    return _encode(tokenizer, texts, add_special_tokens=False)
 
 
 def _encode(tokenizer: Any, texts: Sequence[str], *, add_special_tokens: bool) -> list[list[int]]:

@@ -30,7 +30,7 @@ from tunelab.data.mc import split_format as _split_format
 from tunelab.data.mc import split_options as _options
 from tunelab.data.mc import stem as _stem
 
-__all__ = ["DATASET_STYLES", "STYLES", "MCItem", "label_word_item", "mc_item_from_record", "style_for_dataset",
+__all__ = ["DATASET_STYLES", "STYLES", "MCItem", "as_trained", "label_word_item", "mc_item_from_record", "style_for_dataset",
            "trained_item"]
 
 STYLES = ("labeled", "boolq", "winogrande")
@@ -65,6 +65,9 @@ class MCItem:
     gold: int
     labels: list[str]
     contexts: list[str] | None = None
+    # the (context ids, continuation ids) scored per option when the item comes tokenised (trained_item: the
+    # training tokenisation), instead of the texts above tokenised the lm-eval way (tunelab.eval.loglik.encode_pair)
+    encoded: list[tuple[tuple[int, ...], tuple[int, ...]]] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.options)
@@ -76,10 +79,16 @@ class MCItem:
             )
         if not 0 <= self.gold < n:
             raise ValueError(f"MCItem gold index {self.gold} is outside 0..{n - 1}")
+        if self.encoded is not None and (len(self.encoded) != n or not all(c for _, c in self.encoded)):
+            raise ValueError(f"MCItem needs one non-empty encoded continuation per option; got {len(self.encoded)} "
+                             f"for {n} options")
 
     @property
-    def pairs(self) -> list[tuple[str, str]]:
-        """The (context, continuation) pair scored for each option, in option order."""
+    def pairs(self) -> list[tuple[str, str]] | list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """The (context, continuation) pair scored for each option, in option order: texts, or token ids when the
+        item comes tokenised."""
+        if self.encoded is not None:
+            return list(self.encoded)
         contexts = self.contexts if self.contexts is not None else [self.context] * len(self.options)
         return list(zip(contexts, self.options, strict=True))
 
@@ -128,6 +137,16 @@ def trained_item(prompt: str, options: tuple[str, ...], gold_text: str, where: s
         raise ValueError(f"{prefix_where}a {TRAINED!r} item needs a record with options (data format mc-text) whose "
                          f"answer is one of them; got answer {gold_text!r} and options {list(options)}")
     return MCItem(context=prompt, options=list(options), gold=options.index(gold_text), labels=list(options))
+
+
+def as_trained(item: MCItem, prompt_ids: list[int], option_ids: list[list[int]]) -> MCItem:
+    """``item`` scored on the tokens training puts before and after its prompt/response split
+    (``tunelab.data.encode_prompts`` / ``encode_responses``) instead of its texts tokenised the lm-eval way, where the
+    prompt's trailing newline moves into the continuation: so a method whose edit depends on the prompt's positions
+    (ReFT) sees the positions it was trained on, and every option is scored as the tokens training taught."""
+    import dataclasses
+
+    return dataclasses.replace(item, encoded=[(tuple(prompt_ids), tuple(ids)) for ids in option_ids])
 
 
 def mc_item_from_record(instruction: str, gold_label: str, style: str, where: str = "") -> MCItem:

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from tunelab.data import Record, encode_prompts, tokenize_records
+from tunelab.data import Record, encode_prompts, encode_responses, tokenize_records
 from tunelab.errors import ConfigError
 from tunelab.eval.generate import GenerationSettings, generate_ids
 from tunelab.eval.metrics import perplexity, summarize_accuracy
@@ -84,18 +84,30 @@ def run_generate(model: Any, tok: Any, spec: TaskSpec, records: list[Record], op
 
 def mc_items(spec: TaskSpec, records: list[Record], tok: Any, template: str) -> list[Any]:
     """The multiple-choice items of a loglik task: neutral-context styles, or the trained answers after the prompt
-    rendered with ``template`` (the run's training template) for styles ``label-words`` and ``trained``."""
+    rendered with ``template`` (the run's training template) for styles ``label-words`` and ``trained`` — those on
+    the training tokenisation (``tunelab.eval.choices.as_trained``: the prompt's positions as training saw them)."""
     from tunelab.data.templates import render_prompt
-    from tunelab.eval.choices import LABEL_WORDS, TRAINED, label_word_item, mc_item_from_record, trained_item
+    from tunelab.eval.choices import (
+        LABEL_WORDS,
+        TRAINED,
+        as_trained,
+        label_word_item,
+        mc_item_from_record,
+        trained_item,
+    )
 
     if spec.choices.style == LABEL_WORDS:
-        return [label_word_item(render_prompt(r, template, tok), r.instruction, r.output, spec.choices.prefix,
-                                where=f"{r.source}:{r.line}") for r in records]
-    if spec.choices.style == TRAINED:
-        return [trained_item(render_prompt(r, template, tok), r.options, r.output, where=f"{r.source}:{r.line}")
+        items = [label_word_item(render_prompt(r, template, tok), r.instruction, r.output, spec.choices.prefix,
+                                 where=f"{r.source}:{r.line}") for r in records]
+    elif spec.choices.style == TRAINED:
+        items = [trained_item(render_prompt(r, template, tok), r.options, r.output, where=f"{r.source}:{r.line}")
+                 for r in records]
+    else:
+        return [mc_item_from_record(r.instruction, r.output, spec.choices.style, where=f"{r.source}:{r.line}")
                 for r in records]
-    return [mc_item_from_record(r.instruction, r.output, spec.choices.style, where=f"{r.source}:{r.line}")
-            for r in records]
+    prompt_ids = encode_prompts(records, tok, template=template)
+    return [as_trained(item, ids, encode_responses(item.options, tok))
+            for item, ids in zip(items, prompt_ids, strict=True)]
 
 
 def run_loglik(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: EvalOptions,

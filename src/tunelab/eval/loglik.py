@@ -326,12 +326,12 @@ def _context_batches(contexts: list[tuple[int, ...]], batch_size: int, *,
 
 @torch.no_grad()
 def continuation_logprobs(
-    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str]], *, batch_size: int = 16,
-    share_context: bool = True,
+    model: Any, tokenizer: Any, pairs: Sequence[tuple[str, str] | tuple[Sequence[int], Sequence[int]]], *,
+    batch_size: int = 16, share_context: bool = True,
 ) -> list[tuple[float, int]]:
     """For each (context, continuation): (Σ_j log p(y_j | context, y_<j), number of continuation tokens).
 
-    Pairs are tokenised with :func:`encode_pair`. A context scored with several continuations (the options of a
+    Pairs of texts are tokenised with :func:`encode_pair`; pairs of token ids are scored as given. A context scored with several continuations (the options of a
     multiple-choice item) runs once, its KV cache shared by all of them (:func:`_shared_context_logprobs`,
     ``batch_size`` contexts per batch). A context with one continuation runs as one sequence, context and
     continuation together, right-padded (``batch_size`` inputs per batch); pairs whose inputs are identical share
@@ -341,7 +341,8 @@ def continuation_logprobs(
     as one sequence (the same numbers to rounding; ``bench/loglik_vs_lm_eval.py`` measures what sharing saves).
     """
     max_length = _max_length(model)
-    encoded = [encode_pair(tokenizer, ctx, cont) for ctx, cont in pairs]
+    encoded = [encode_pair(tokenizer, ctx, cont) if isinstance(ctx, str) else (list(ctx), list(cont))
+               for ctx, cont in pairs]
     shared, single, rows = _plan(encoded, max_length, share_context)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     scores: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
