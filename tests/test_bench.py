@@ -121,3 +121,29 @@ def test_make_bench_refuses_an_unknown_benchmark():
     out = subprocess.run([sys.executable, str(BENCH / "all.py"), "--only", "train-throughput,nope"],
                          capture_output=True, text=True)
     assert out.returncode == 2 and "unknown benchmark(s) nope" in out.stderr
+
+
+def test_emulated_bf16_peers_are_skipped_only_without_bf16_units(monkeypatch, tmp_path):
+    """train_throughput --skip-emulated-bf16: on a CPU without bf16 units the peers' bf16 configurations are
+    recorded as skipped (with the measured matmul peaks); tunelab's own rows and the fp32 peers still run; with
+    bf16 units nothing is skipped."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import train_throughput as tt
+
+    names = ["tunelab-lora", "peft-lora-fp32", "peft-lora-bf16", "plain-full-bf16autocast"]
+    ran = []
+
+    def child(name, workdir, steps, timeout):
+        if name == "prepare":
+            return {"status": "ok", "compile_available": True, "model_dtype_auto": "torch.float32"}
+        return {"status": "ok", "peak_bf16_tflops": 0.01, "peak_fp32_tflops": 0.06}
+
+    monkeypatch.setattr(tt, "run_child", child)
+    monkeypatch.setattr(tt, "run_config", lambda args, name, workdir, rep: ran.append(name) or {"status": "ok"})
+    args = tt.parse_args(["--skip-emulated-bf16", "--wait-idle", "0"])
+    for has_units, skipped in ((False, {"peft-lora-bf16", "plain-full-bf16autocast"}), (True, set())):
+        ran.clear()
+        monkeypatch.setattr(tt, "has_bf16_units", lambda has_units=has_units: has_units)
+        raw = tt.run_all(args, names, tmp_path)
+        assert set(raw["skipped"]) == skipped and ran == [n for n in names if n not in skipped]
+        assert all("bf16 0.010 vs fp32 0.060 TFLOP/s" in why for why in raw["skipped"].values())
