@@ -182,3 +182,32 @@ def test_a_task_left_without_items_is_an_error(tmp_path):
     spec = TaskSpec(name="t", data=str(test))
     with pytest.raises(DataError, match=r"task 't': no item of .*test\.jsonl is left to score \(1 read, 0 unre"):
         select_examples(spec, None, None, keys([Record("problem 1", "", "x")]))
+
+
+def test_a_generation_and_a_loglik_task_on_the_same_items_share_one_pass(tmp_path, capsys):
+    """`evaluate` runs an mc-text generation task and its trained-format log-likelihood task together (one pass over
+    the prompts scores the options and starts the decoding) with the numbers of each run alone; a task kept from
+    an earlier run leaves its partner to run alone."""
+    from tunelab.eval.harness import EvalOptions, evaluate
+
+    data = _write(tmp_path, [{"instruction": ARC, "input": "", "answer": f"answer{k}"} for k in (1, 2, 3, 2)])
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "g.yaml").write_text(f"name: g\ndata: {data}\nformat: mc-text\nparser: {{name: option}}\n"
+                                  "generation: {max_new_tokens: 6}\n")
+    (tasks / "l.yaml").write_text(f"name: l\ndata: {data}\nkind: loglik\nformat: mc-text\n"
+                                  "choices: {style: trained}\n")
+    alone = [evaluate("tiny-llama", [t], EvalOptions(batch_size=2, out_dir=str(tmp_path / f"alone-{t}")),
+                      tasks_dirs=[str(tasks)])[0] for t in ("g", "l")]
+    out = tmp_path / "both"
+    g, c = evaluate("tiny-llama", ["g", "l"], EvalOptions(batch_size=2, out_dir=str(out)), tasks_dirs=[str(tasks)])
+    assert g["shared_prefill_with"] == "l" and c["shared_prefill_with"] == "g" and c["scored_after_prefill"] == 4
+    assert "shared_prefill_with" not in alone[0] and "shared_prefill_with" not in alone[1]
+    assert g["accuracy"] == alone[0]["accuracy"] and c["accuracy"] == alone[1]["accuracy"]
+    rows = [json.loads(x) for x in (out / "l.jsonl").read_text().splitlines()]
+    before = [json.loads(x) for x in (tmp_path / "alone-l" / "l.jsonl").read_text().splitlines()]
+    for a, b in zip(rows, before, strict=True):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=1e-4)
+    (out / "g.jsonl").unlink()  # the generation task's rows lost: it runs again, alone; the loglik task is kept
+    g2, c2 = evaluate("tiny-llama", ["g", "l"], EvalOptions(batch_size=2, out_dir=str(out)), tasks_dirs=[str(tasks)])
+    assert "shared_prefill_with" not in g2 and c2 == c and "l: finished earlier" in capsys.readouterr().out

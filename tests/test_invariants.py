@@ -11,8 +11,11 @@ Gemma 2, Phi-3, GPT-NeoX and OLMo 2.
 from __future__ import annotations
 
 import copy
+import json
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -462,3 +465,52 @@ def test_own_greedy_loop_equals_transformers_generate(row, arch, device):
     want, got = generate_ids(model, tok, prompts, hf), generate_ids(model, tok, prompts, ours)
     assert [(g.text, g.n_tokens) for g in got] == [(g.text, g.n_tokens) for g in want]
     assert min(g.n_tokens for g in got) < 8  # some row really finished early
+
+
+MC_RECORDS = [("Which of these floats on water? Options: a dry stick; iron; a stone", ("a dry stick", "iron", "a stone")),
+              ("Pick the even one. Options: 3; 8", ("3", "8")),
+              ("A much longer question, one that needs left padding in its batch: which is a colour? Options: red; "
+               "seven; loud", ("red", "seven", "loud"))]
+
+
+@pytest.mark.parametrize(("row", "arch", "device"), CASES)
+def test_generation_and_loglik_share_the_prefill(row, arch, device):
+    """A generation task and a trained-format log-likelihood task on the same items run from one pass over the
+    prompts (tunelab.eval.harness.run_generate_and_loglik): every method gives the texts and option scores of the
+    two tasks run alone, and every item's options were scored after generation's prefill."""
+    from tunelab.data import Record
+    from tunelab.eval.harness import (
+        EvalOptions,
+        _Prepared,
+        can_share_prefill,
+        run_generate,
+        run_generate_and_loglik,
+        run_loglik,
+    )
+    from tunelab.eval.tasks import TaskChoices, TaskGeneration, TaskSpec
+
+    model, tok, _, _, handle, _ = _setup(row, arch, device)
+    _perturb(handle)
+    records = [Record(q, "", opts[0], options=opts) for q, opts in MC_RECORDS]
+    gen = TaskSpec(name="g", data="x", format="mc-text", parser={"name": "option"},
+                   generation=TaskGeneration(max_new_tokens=5))
+    ll = TaskSpec(name="l", data="x", kind="loglik", format="mc-text", choices=TaskChoices(style="trained"))
+    opts = EvalOptions(batch_size=2)
+    pair = (_Prepared(gen, "alpaca", records, 0, None, None), _Prepared(ll, "alpaca", records, 0, None, None))
+    if not can_share_prefill(model, *pair, opts):  # a sliding attention window: the tasks run alone (see there)
+        from tunelab.eval.loglik import _max_length, _sliding_window
+
+        assert _sliding_window(model) < _max_length(model)
+        return
+    gen_rows, _ = run_generate(model, tok, gen, records, opts, "alpaca")
+    ll_rows, _ = run_loglik(model, tok, ll, records, opts, "alpaca")
+    with tempfile.TemporaryDirectory() as out:
+        g, c = run_generate_and_loglik(model, tok, *pair, EvalOptions(batch_size=2, out_dir=out))
+        joint_gen = [json.loads(x) for x in Path(out, "g.jsonl").read_text().splitlines()]
+        joint_ll = [json.loads(x) for x in Path(out, "l.jsonl").read_text().splitlines()]
+    assert c["scored_after_prefill"] == len(records) and c["shared_prefill_with"] == "g"
+    assert [r["output"] for r in joint_gen] == [r["output"] for r in gen_rows]
+    assert g["accuracy"] == pytest.approx(sum(r["correct"] for r in gen_rows) / len(records))
+    for a, b in zip(joint_ll, ll_rows, strict=True):
+        assert a["logprobs"] == pytest.approx(b["logprobs"], abs=max(row.atol, 1e-5) * 50)
+        assert a["pred_index"] == b["pred_index"]

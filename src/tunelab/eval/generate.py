@@ -131,10 +131,11 @@ def _last_logits(model: Any, out: torch.Tensor, is_hidden: bool) -> torch.Tensor
 
 
 def _greedy(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, settings: GenerationSettings,
-            eos_ids: set[int], pad_id: int) -> torch.Tensor | None:
+            eos_ids: set[int], pad_id: int, on_prefill: Any = None) -> torch.Tensor | None:
     """[rows, max_new_tokens] greedy tokens of a left-padded batch, ``pad_id`` after a row's end (its EOS, or the
     token at which its generated text first contains a stop string); None when the model keeps no cache (the
-    caller then runs ``generate``)."""
+    caller then runs ``generate``). ``on_prefill(hidden, cache, is_hidden, mask)`` is called once after the prompts'
+    pass, before decoding (it must leave the cache as it is)."""
     rows, device = ids.shape[0], ids.device
     out = torch.full((rows, settings.max_new_tokens), pad_id, dtype=torch.long)
     alive = torch.arange(rows)  # the batch row of each row still decoding
@@ -143,6 +144,8 @@ def _greedy(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, s
     hidden, cache, is_hidden = run_model(model, ids, mask, (mask.cumsum(-1) - 1).clamp(min=0))
     if cache is None or not hasattr(cache, "batch_select_indices"):
         return None
+    if on_prefill is not None:
+        on_prefill(hidden, cache, is_hidden, mask)
     for step in range(settings.max_new_tokens):
         token = _last_logits(model, hidden, is_hidden).argmax(-1)
         out[alive, step] = token.cpu()
@@ -164,8 +167,12 @@ def _greedy(model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, s
 
 @torch.no_grad()
 def generate_ids(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]],
-                 settings: GenerationSettings = GenerationSettings()) -> list[Generation]:
-    """Greedy (or beam) continuations of each prompt, in input order."""
+                 settings: GenerationSettings = GenerationSettings(), on_prefill: Any = None) -> list[Generation]:
+    """Greedy (or beam) continuations of each prompt, in input order.
+
+    ``on_prefill(indices, hidden, cache, is_hidden, mask)``: called for each batch after its prompts' pass (the
+    prompts' indices in ``prompt_ids``, in batch-row order), before decoding — on batches that tunelab's own loop
+    decodes only (a batch that ``generate`` runs, e.g. beam search, never calls it)."""
     was_training = model.training
     model.eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -180,7 +187,8 @@ def generate_ids(model: Any, tokenizer: Any, prompt_ids: Sequence[Sequence[int]]
             idx = order[start: start + settings.batch_size]
             ids, mask = _left_pad([prompt_ids[i] for i in idx], pad_id)
             ids, mask = ids.to(device), mask.to(device)
-            new = _greedy(model, tokenizer, ids, mask, settings, eos_ids, pad_id) if own_loop else None
+            hook = None if on_prefill is None else (lambda *a, idx=idx: on_prefill(idx, *a))
+            new = _greedy(model, tokenizer, ids, mask, settings, eos_ids, pad_id, hook) if own_loop else None
             if new is None:
                 new = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=settings.max_new_tokens,
                                      do_sample=False, num_beams=settings.num_beams, pad_token_id=pad_id,

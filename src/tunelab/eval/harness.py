@@ -56,14 +56,17 @@ def _parser(spec: TaskSpec):
     return PARSERS[name], options
 
 
+def _generation_settings(spec: TaskSpec, opts: EvalOptions) -> GenerationSettings:
+    g = spec.generation
+    return GenerationSettings(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, stop=list(g.stop),
+                              batch_size=opts.batch_size)
+
+
 def run_generate(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts: EvalOptions,
-                 template: str) -> tuple[list[dict], dict]:
+                 template: str, on_prefill: Any = None) -> tuple[list[dict], dict]:
     parser, options = _parser(spec)
     prompt_ids = encode_prompts(records, tok, template=template)
-    g = spec.generation
-    settings = GenerationSettings(max_new_tokens=g.max_new_tokens, num_beams=g.num_beams, stop=list(g.stop),
-                                  batch_size=opts.batch_size)
-    outputs = generate_ids(model, tok, prompt_ids, settings)
+    outputs = generate_ids(model, tok, prompt_ids, _generation_settings(spec, opts), on_prefill=on_prefill)
     takes_choices = "choices" in parser.parse_options  # the option parser reads each record's own options
     rows = []
     for i, (r, ids, out) in enumerate(zip(records, prompt_ids, outputs, strict=True)):
@@ -115,7 +118,10 @@ def run_loglik(model: Any, tok: Any, spec: TaskSpec, records: list[Record], opts
     from tunelab.eval.loglik import score_multiple_choice
 
     items = mc_items(spec, records, tok, template)
-    results = score_multiple_choice(model, tok, items, batch_size=opts.batch_size)
+    return _loglik_rows(records, items, score_multiple_choice(model, tok, items, batch_size=opts.batch_size))
+
+
+def _loglik_rows(records: list[Record], items: list[Any], results: list[Any]) -> tuple[list[dict], dict]:
     rows = []
     for i, (r, item, res) in enumerate(zip(records, items, results, strict=True)):
         rows.append({"i": i, "line": r.line, "labels": item.labels, "logprobs": res.logprobs,
@@ -175,30 +181,149 @@ def _finished(out: Path, spec: TaskSpec, settings: str) -> dict[str, Any] | None
     return done if isinstance(done, dict) and done.get("settings") == settings else None
 
 
+@dataclass
+class _Prepared:
+    spec: TaskSpec
+    template: str
+    records: list[Record]
+    removed: int
+    settings: str | None
+    done: dict[str, Any] | None  # the summary of this task finished earlier with the same settings
+
+
+def _prepare(spec: TaskSpec, opts: EvalOptions, default_template: str | None,
+             identity: dict[str, Any] | None) -> _Prepared:
+    template = opts.template or default_template or spec.template
+    records, removed = select_examples(spec, opts.data_dir, opts.limit, opts.exclude)
+    settings = task_settings(spec, records, template, opts, identity) if identity is not None else None
+    done = None
+    if opts.out_dir and settings and not opts.fresh:
+        done = _finished(Path(opts.out_dir), spec, settings)
+    return _Prepared(spec, template, records, removed, settings, done)
+
+
+def _finish(task: _Prepared, rows: list[dict], summary: dict[str, Any], seconds: float, opts: EvalOptions,
+            **extra: Any) -> dict[str, Any]:
+    spec = task.spec
+    summary = {"task": spec.name, "kind": spec.kind, **summary, "seconds": seconds,
+               "template": task.template if spec.kind != "loglik" or spec.choices.style in ("label-words", "trained")
+               else None, "limit": opts.limit, "removed_overlap": task.removed, **extra}
+    if task.settings:
+        summary["settings"] = task.settings
+    if opts.out_dir:
+        out = Path(opts.out_dir)
+        atomic_write_text(out / f"{spec.name}.jsonl", _rows_to_jsonl(rows))
+        atomic_write_json(out / f"{spec.name}.summary.json", summary)
+    return summary
+
+
+def _kept(task: _Prepared, opts: EvalOptions) -> dict[str, Any]:
+    print(f"[eval] {task.spec.name}: finished earlier with the same settings; kept ({opts.out_dir})", flush=True)
+    return task.done  # type: ignore[return-value]
+
+
 def evaluate_task(model: Any, tok: Any, spec: TaskSpec, opts: EvalOptions,
                   default_template: str | None = None, identity: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run one task; write its rows and summary under opts.out_dir (if given); return the summary.
 
     With an ``identity`` of the model (``model_identity``) a task finished earlier under opts.out_dir with the same
     settings is returned as it was, not run again (unless ``opts.fresh``)."""
-    template = opts.template or default_template or spec.template
-    records, removed = select_examples(spec, opts.data_dir, opts.limit, opts.exclude)
-    settings = task_settings(spec, records, template, opts, identity) if identity is not None else None
-    if opts.out_dir and settings and not opts.fresh and (done := _finished(Path(opts.out_dir), spec, settings)):
-        print(f"[eval] {spec.name}: finished earlier with the same settings; kept ({opts.out_dir})", flush=True)
-        return done
+    task = _prepare(spec, opts, default_template, identity)
+    if task.done:
+        return _kept(task, opts)
     t0 = time.perf_counter()
-    rows, summary = RUNNERS[spec.kind](model, tok, spec, records, opts, template)
-    summary = {"task": spec.name, "kind": spec.kind, **summary, "seconds": time.perf_counter() - t0,
-               "template": template if spec.kind != "loglik" or spec.choices.style in ("label-words", "trained")
-               else None, "limit": opts.limit, "removed_overlap": removed}
-    if settings:
-        summary["settings"] = settings
-    if opts.out_dir:
-        out = Path(opts.out_dir)
-        atomic_write_text(out / f"{spec.name}.jsonl", _rows_to_jsonl(rows))
-        atomic_write_json(out / f"{spec.name}.summary.json", summary)
-    return summary
+    rows, summary = RUNNERS[spec.kind](model, tok, spec, task.records, opts, task.template)
+    return _finish(task, rows, summary, time.perf_counter() - t0, opts)
+
+
+def can_share_prefill(model: Any, gen: _Prepared, ll: _Prepared, opts: EvalOptions) -> bool:
+    """Whether a generation task and a log-likelihood task can score from one pass over their prompts: the same
+    items and template, a trained-format loglik style (its contexts are the generation prompts' tokens), greedy
+    decoding by tunelab's own loop, every option within the model's positions, and no sliding attention window
+    (the standalone scorer batches only equal lengths there)."""
+    from tunelab.eval.choices import LABEL_WORDS, TRAINED
+    from tunelab.eval.generate import _own_loop_applies
+    from tunelab.eval.loglik import _max_length, _sliding_window
+
+    if gen.spec.kind != "generate" or ll.spec.kind != "loglik" or ll.spec.choices.style not in (TRAINED, LABEL_WORDS):
+        return False
+    if gen.template != ll.template or gen.records != ll.records:
+        return False
+    return _own_loop_applies(model, _generation_settings(gen.spec, opts)) and \
+        _sliding_window(model) >= _max_length(model)
+
+
+def run_generate_and_loglik(model: Any, tok: Any, gen: _Prepared, ll: _Prepared, opts: EvalOptions
+                            ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Both tasks from one pass over the prompts: generation's prefill of each batch also scores that batch's
+    options (``tunelab.eval.loglik.options_after_prefill`` on the prefill's cache), then decoding goes on. Options
+    of a batch that the loop could not serve (a model without a cache) are scored by the standalone scorer. The
+    summaries' ``seconds``: the decoding and the option passes, each with its share; ``shared_prefill_with`` names
+    the other task."""
+    from tunelab.eval.loglik import _max_length, mc_result, options_after_prefill, score_multiple_choice
+
+    items = mc_items(ll.spec, ll.records, tok, ll.template)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    limit = _max_length(model)
+    scores: list[list[float] | None] = [None] * len(items)
+    fits = [all(len(c) + len(o) <= limit for c, o in item.encoded) for item in items]
+    in_prefill = [0.0]  # seconds spent scoring options inside generation's prefill hook
+
+    def on_prefill(idx: list[int], hidden: Any, cache: Any, is_hidden: bool, mask: Any) -> None:
+        t0 = time.perf_counter()
+        if all(fits[i] for i in idx):
+            conts = [[list(o) for _, o in items[i].encoded] for i in idx]
+            for i, lps in zip(idx, options_after_prefill(model, hidden, cache, is_hidden, mask, conts, pad_id),
+                              strict=True):
+                scores[i] = lps
+        in_prefill[0] += time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    gen_rows, gen_summary = run_generate(model, tok, gen.spec, gen.records, opts, gen.template, on_prefill)
+    gen_seconds = time.perf_counter() - t0 - in_prefill[0]
+    t1 = time.perf_counter()
+    rest = [i for i, sc in enumerate(scores) if sc is None]
+    if rest:
+        results = score_multiple_choice(model, tok, [items[i] for i in rest], batch_size=opts.batch_size)
+        for i, res in zip(rest, results, strict=True):
+            scores[i] = res.logprobs
+    ll_seconds = in_prefill[0] + time.perf_counter() - t1
+    results = [mc_result(item, sc) for item, sc in zip(items, scores, strict=True)]  # type: ignore[arg-type]
+    ll_rows, ll_summary = _loglik_rows(ll.records, items, results)
+    return (_finish(gen, gen_rows, gen_summary, gen_seconds, opts, shared_prefill_with=ll.spec.name),
+            _finish(ll, ll_rows, ll_summary, ll_seconds, opts, shared_prefill_with=gen.spec.name,
+                    scored_after_prefill=len(items) - len(rest)))
+
+
+def evaluate_tasks(model: Any, tok: Any, specs: Sequence[TaskSpec], opts: EvalOptions,
+                   default_template: str | None = None, identity: dict[str, Any] | None = None
+                   ) -> list[dict[str, Any]]:
+    """Every task, in order; a generation task and a trained-format log-likelihood task on the same items run
+    together (:func:`run_generate_and_loglik`: one pass over the prompts for both) unless one of them is kept from
+    an earlier run."""
+    tasks = [_prepare(spec, opts, default_template, identity) for spec in specs]
+    partner: dict[int, int] = {}
+    for j, ll in enumerate(tasks):
+        if ll.done or ll.spec.kind != "loglik":
+            continue
+        for i, gen in enumerate(tasks):
+            if i not in partner and i not in partner.values() and not gen.done and \
+                    can_share_prefill(model, gen, ll, opts):
+                partner[i] = j
+                break
+    summaries: dict[int, dict[str, Any]] = {}
+    for i, task in enumerate(tasks):
+        if i in summaries:
+            continue
+        if task.done:
+            summaries[i] = _kept(task, opts)
+        elif i in partner:
+            summaries[i], summaries[partner[i]] = run_generate_and_loglik(model, tok, task, tasks[partner[i]], opts)
+        else:
+            t0 = time.perf_counter()
+            rows, summary = RUNNERS[task.spec.kind](model, tok, task.spec, task.records, opts, task.template)
+            summaries[i] = _finish(task, rows, summary, time.perf_counter() - t0, opts)
+    return [summaries[i] for i in range(len(tasks))]
 
 
 def model_identity(target: str, dtype: str) -> dict[str, Any]:
@@ -257,7 +382,7 @@ def evaluate(target: str, task_names: Sequence[str], opts: EvalOptions, *, dtype
 
     identity = model_identity(target, resolved) if resolved is not None else None  # a model passed in: no resume
     with inference_weights(model):  # quantized bases: dequantize once for the whole evaluation, not per call
-        summaries = [evaluate_task(model, tokenizer, spec, opts, default_template, identity) for spec in specs]
+        summaries = evaluate_tasks(model, tokenizer, specs, opts, default_template, identity)
     if opts.out_dir:
         atomic_write_json(Path(opts.out_dir) / "summary.json", {"target": target, "dtype": resolved,
                                                                   "tasks": summaries})

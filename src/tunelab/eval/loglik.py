@@ -255,13 +255,27 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
     position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
     with prompt_lengths(lengths.to(device)):
         out, cache, is_hidden = _run_body(model, ids.to(device), mask.to(device), position_ids.to(device))
-    conts = [(b, cont) for b, (_, cs) in enumerate(items) for cont in cs]
+    return options_after_prefill(model, out, cache, is_hidden, mask.cpu(), [cs for _, cs in items], pad_id)
+
+
+def options_after_prefill(model: Any, out: torch.Tensor, cache: Any, is_hidden: bool, mask: torch.Tensor,
+                          continuations: list[list[list[int]]], pad_id: int) -> list[list[float]]:
+    """Σ log p(continuation) for the continuations of each row of a left-padded context batch that has just run
+    (``out``: its hidden states or logits, ``cache``: its KV cache, which stays as it is; ``mask``: its attention
+    mask): what :func:`_shared_context_logprobs` does after its context pass, and what generation can do after its
+    prefill of the same contexts (``tunelab.eval.harness``: a generation task and a log-likelihood task on the same
+    prompts share that pass)."""
+    device = out.device
+    mask = mask.cpu()
+    lengths = mask.sum(-1)
+    width = mask.shape[1]
+    conts = [(b, cont) for b, cs in enumerate(continuations) for cont in cs]
     picked = [out[torch.tensor([b for b, _ in conts], device=device), -1]]
     targets = [cont[0] for _, cont in conts]
     owner = list(range(len(conts)))
     longer = sorted(((k, b, cont) for k, (b, cont) in enumerate(conts) if len(cont) > 1), key=lambda x: -len(x[2]))
     # rows per pass: the cache copies of at most CACHE_ROW_POSITIONS context positions, or as many rows as contexts
-    max_rows = max(len(items), CACHE_ROW_POSITIONS // width)
+    max_rows = max(len(continuations), CACHE_ROW_POSITIONS // width)
     for start, stop in _padded_chunks([len(cont) - 1 for _, _, cont in longer], max_rows=max_rows):
         chunk = longer[start:stop]
         rows = torch.tensor([b for _, b, _ in chunk])
@@ -278,11 +292,11 @@ def _shared_context_logprobs(model: Any, items: list[tuple[list[int], list[list[
             owner += [k] * (len(cont) - 1)
         full_mask = torch.cat([mask[rows], cont_mask], dim=1)
         cont_pos = lengths[rows][:, None] + torch.arange(span)[None, :]
-        out, _, _ = _run_body(model, cont_ids.to(device), full_mask.to(device), cont_pos.to(device),
-                              _cache_rows(cache, rows.to(device)))
-        picked.append(out[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)])
+        part, _, _ = _run_body(model, cont_ids.to(device), full_mask.to(device), cont_pos.to(device),
+                               _cache_rows(cache, rows.to(device)))
+        picked.append(part[torch.tensor(row_idx, device=device), torch.tensor(pos_idx, device=device)])
     return _sums_per_row(_token_logprobs(model, torch.cat(picked), is_hidden, targets), owner,
-                         [len(cs) for _, cs in items])
+                         [len(cs) for cs in continuations])
 
 
 def _plan(encoded: list[tuple[list[int], list[int]]], max_length: int, share_context: bool) -> tuple[
@@ -389,6 +403,11 @@ def score_multiple_choice(
 
 def _argmax(values: Sequence[float]) -> int:
     return max(range(len(values)), key=lambda k: (values[k], -k))
+
+
+def mc_result(item: MCItem, logprobs: list[float]) -> MCResult:
+    """The answer to ``item`` from its options' log-likelihoods (acc: the largest; acc_norm: per UTF-8 byte)."""
+    return _result(item, logprobs)
 
 
 def _result(item: MCItem, logprobs: list[float]) -> MCResult:
