@@ -387,6 +387,7 @@ def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, An
             time.sleep(5)
             continue
         t0 = time.perf_counter()
+        code = commit()  # read at the start: the checkout may move while a long unit runs
         print(f"[suite] {claim.key}: running", flush=True)
         try:
             with Heartbeat(store, claim):  # a long unit is not taken for a dead one by another process's claim
@@ -395,7 +396,7 @@ def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, An
             store.fail(claim, str(err), time.perf_counter() - t0)
             print(f"[suite] {claim.key}: failed: {err}", flush=True)
             continue
-        result["commit"] = commit()  # the code that produced this unit (a suite may span several commits)
+        result["commit"] = code  # the code that produced this unit (a suite may span several commits)
         if store.commit(claim, result, time.perf_counter() - t0) and ledger is not None:
             done = next(r for r in store.rows() if r.key == claim.key)
             ledger.record(done, ledger_files(ledger_root(store), done))
