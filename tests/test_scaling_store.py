@@ -317,3 +317,19 @@ def test_sweep_writes_its_ledger_and_a_fresh_folder_continues_from_it(tmp_path, 
     capsys.readouterr()
     assert main(["sweep", str(tmp_path / "moved.yaml"), "--import-only"]) != 0
     assert "--import-only takes the runs of a ledger: add --ledger DIR" in capsys.readouterr().err
+
+
+def test_a_ledger_under_docs_is_not_ignored_by_git():
+    """`runs/` (local run folders) is git-ignored; a ledger's runs/ under docs/ must not be, or `git add` would leave
+    the units out of the commit that should carry them."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    if shutil.which("git") is None or not (repo / ".git").exists():
+        pytest.skip("not a git checkout")
+    ledger = subprocess.run(["git", "check-ignore", "-q", "docs/compare/any-suite/units/runs/final__x.json"],
+                            cwd=repo)
+    local = subprocess.run(["git", "check-ignore", "-q", "runs/suite-x/study.sqlite"], cwd=repo)
+    assert ledger.returncode == 1 and local.returncode == 0
