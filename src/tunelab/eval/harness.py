@@ -229,10 +229,12 @@ def evaluate_task(model: Any, tok: Any, spec: TaskSpec, opts: EvalOptions,
     With an ``identity`` of the model (``model_identity``) a task finished earlier under opts.out_dir with the same
     settings is returned as it was, not run again (unless ``opts.fresh``)."""
     task = _prepare(spec, opts, default_template, identity)
-    if task.done:
-        return _kept(task, opts)
+    return _kept(task, opts) if task.done else _run_alone(model, tok, task, opts)
+
+
+def _run_alone(model: Any, tok: Any, task: _Prepared, opts: EvalOptions) -> dict[str, Any]:
     t0 = time.perf_counter()
-    rows, summary = RUNNERS[spec.kind](model, tok, spec, task.records, opts, task.template)
+    rows, summary = RUNNERS[task.spec.kind](model, tok, task.spec, task.records, opts, task.template)
     return _finish(task, rows, summary, time.perf_counter() - t0, opts)
 
 
@@ -320,9 +322,7 @@ def evaluate_tasks(model: Any, tok: Any, specs: Sequence[TaskSpec], opts: EvalOp
         elif i in partner:
             summaries[i], summaries[partner[i]] = run_generate_and_loglik(model, tok, task, tasks[partner[i]], opts)
         else:
-            t0 = time.perf_counter()
-            rows, summary = RUNNERS[task.spec.kind](model, tok, task.spec, task.records, opts, task.template)
-            summaries[i] = _finish(task, rows, summary, time.perf_counter() - t0, opts)
+            summaries[i] = _run_alone(model, tok, task, opts)
     return [summaries[i] for i in range(len(tasks))]
 
 
