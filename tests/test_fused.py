@@ -65,12 +65,12 @@ def test_only_llama_style_modules_are_switched(kernels):
     assert "forward" not in holder[0].__dict__ and "forward" in holder[1].__dict__
 
 
-def test_auto_setting_switches_on_only_for_wide_models_under_autocast():
+def test_auto_setting_switches_on_only_for_wide_models():
     model, _ = tiny()
-    assert not fused_kernels_wanted("auto", True, model)  # width 64: the compile would not pay back
+    assert not fused_kernels_wanted("auto", model)  # width 64: the compile would not pay back
     model.config.hidden_size = 576
-    assert fused_kernels_wanted("auto", True, model) and not fused_kernels_wanted("auto", False, model)
-    assert fused_kernels_wanted(True, False, model) and not fused_kernels_wanted(False, True, model)
+    assert fused_kernels_wanted("auto", model)
+    assert fused_kernels_wanted(True, model) and not fused_kernels_wanted(False, model)
 
 
 def test_trainer_with_fused_kernels_matches_eager_training(kernels, tmp_path, monkeypatch):

@@ -181,4 +181,39 @@ def test_fast_path_is_skipped_where_it_does_not_apply():
         base.weight.requires_grad_(False)
         layer.base_layer = base.float()
         assert not lora._fast_path(layer, x)  # fp32 weights: autocast's own path
-    assert not lora._fast_path(layer, x)  # no autocast
+    assert lora._fast_path(layer, x)  # no autocast, everything in fp32: the fp32 fast path
+    assert not lora._fast_path(layer, x.double())  # an input in another dtype: autograd's casts
+    layer.base_layer = nn.Linear(8, 8).to(torch.bfloat16).requires_grad_(False)  # bf16 weights, no autocast
+    assert not lora._fast_path(layer, x)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_fast_path_in_fp32_matches_autograd(bias):
+    """Without autocast (fp32 training on a CPU without bf16 units) the fast path is taken and gives autograd's
+    output and gradients of x, A and B to fp32 rounding."""
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20, bias=bias).requires_grad_(False)
+    layer = lora.LoraLinear(base, r=4, scaling=2.0, dropout=0.0, init="kaiming")
+    with torch.no_grad():
+        layer.lora_B.normal_(std=0.1)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    g = torch.randn(2, 5, 20)
+
+    def run(fn):
+        x.grad = layer.lora_A.grad = layer.lora_B.grad = None
+        y = fn(x)
+        y.backward(g)
+        return [y, x.grad, layer.lora_A.grad, layer.lora_B.grad]
+
+    calls = []
+    real = lora._LoraMatmul.apply
+    lora._LoraMatmul.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        fast = run(layer)
+    finally:
+        lora._LoraMatmul.apply = real
+    assert calls, "the fast path was not taken in fp32"
+    slow = run(lambda t: _autograd_lora(layer, t))
+    for a, b in zip(fast, slow, strict=True):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -96,7 +96,7 @@ class TrainSection:
     fp32_attention: bool = True  # under bf16 autocast on the CPU, attention in fp32 (faster backward there;
     # tunelab.train.attention); on CUDA attention stays in bf16 (sdpa's flash kernel)
     fused_kernels: bool | Literal["auto"] = "auto"  # compiled RMSNorm + SwiGLU gate (tunelab.train.fused);
-    # auto: on under bf16 autocast for models of width >= 256 (the compile, ~15 s once per process, pays back)
+    # auto: on for models of width >= 256, bf16 autocast or fp32 (the compile, ~15 s once per process, pays back)
     keep_freed_memory: bool = True  # glibc keeps freed buffers up to 32 MiB for reuse (tunelab.train.memory): far
     # fewer page faults on each step's new buffers; SmolLM2 steps 1.2-1.5x faster, memory held until the process ends
     mmap_threshold_kib: int | None = None  # glibc mmap threshold for this process (tunelab.train.memory); None:

@@ -94,13 +94,18 @@ class _LoraMatmul(torch.autograd.Function):
 
 
 def _fast_path(layer: LoraLinear, x: torch.Tensor) -> bool:
-    """_LoraMatmul applies: under autocast to the dtype of a frozen plain nn.Linear, without dropout on the
-    low-rank branch."""
+    """_LoraMatmul applies: a frozen plain nn.Linear whose dtype is the one its matmuls run in — the autocast dtype
+    under autocast, else that of the input and of the LoRA factors (fp32 training on a CPU without bf16 units) —
+    without dropout on the low-rank branch."""
     base = layer.base_layer
-    if type(base) is not nn.Linear or not torch.is_autocast_enabled(x.device.type):
+    if type(base) is not nn.Linear:
         return False
     w, bias = base.weight, base.bias
-    return (w.dtype == torch.get_autocast_dtype(x.device.type) and not w.requires_grad
+    if torch.is_autocast_enabled(x.device.type):
+        runs_in = w.dtype == torch.get_autocast_dtype(x.device.type)
+    else:
+        runs_in = w.dtype == x.dtype == layer.lora_A.dtype == layer.lora_B.dtype
+    return (runs_in and not w.requires_grad
             and (bias is None or (not bias.requires_grad and bias.dtype == w.dtype))
             and (isinstance(layer.dropout, nn.Identity) or not layer.training))
 

