@@ -398,7 +398,7 @@ def score_multiple_choice(
         zip(unique, continuation_logprobs(model, tokenizer, unique, batch_size=batch_size,
                                           share_context=share_context), strict=True)
     )
-    return [_result(item, [scored[pair][0] for pair in item.pairs]) for item in items]
+    return [mc_result(item, [scored[pair][0] for pair in item.pairs]) for item in items]
 
 
 def _argmax(values: Sequence[float]) -> int:
@@ -407,10 +407,6 @@ def _argmax(values: Sequence[float]) -> int:
 
 def mc_result(item: MCItem, logprobs: list[float]) -> MCResult:
     """The answer to ``item`` from its options' log-likelihoods (acc: the largest; acc_norm: per UTF-8 byte)."""
-    return _result(item, logprobs)
-
-
-def _result(item: MCItem, logprobs: list[float]) -> MCResult:
     per_byte = [lp / len(option.encode("utf-8")) for lp, option in zip(logprobs, item.options, strict=True)]
     pred, pred_norm = _argmax(logprobs), _argmax(per_byte)
     return MCResult(logprobs, pred, pred_norm, pred == item.gold, pred_norm == item.gold)
