@@ -41,6 +41,13 @@ def test_claim_commit_fail_and_order(tmp_path):
     assert store.reset_failed() == 1 and store.counts()["pending"] == 3
 
 
+def test_claim_prefers_the_named_pending_run(tmp_path):
+    store = _store(tmp_path, 4)
+    assert store.claim(prefer="k2").key == "k2"  # the one a suite driver waits for, ahead of the queue
+    assert store.claim(prefer="k2").key == "k0"  # no longer pending: the queue's order
+    assert store.claim(prefer="nope").key == "k1" and store.claim().key == "k3" and store.claim() is None
+
+
 def test_runs_outside_the_current_grid_are_retired_not_deleted(tmp_path):
     store = _store(tmp_path, 4)
     a = store.claim()

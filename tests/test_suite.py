@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -197,6 +199,24 @@ def test_suite_end_to_end_and_resume(tmp_path, capsys):
     with pytest.raises(StoreError, match=r"ledger\.json: this ledger belongs to another study.*own --ledger"):
         run_suite(open_suite(path, tmp_path / "data", "wide", tmp_path / "wide"), ledger=tmp_path / "ledger")
     assert "running" not in capsys.readouterr().out
+
+
+def test_jobs_share_the_units_with_a_helper_process(tmp_path):
+    """--jobs 2: a helper process takes pending units while the driver walks the protocol; every unit runs once,
+    in one process or the other, and is recorded in the store and the ledger; the helper is gone at the end."""
+    from tunelab.scaling.store import Store
+    from tunelab.study.suite import open_suite, run_suite
+
+    run = open_suite(_suite(tmp_path), _data_dir(tmp_path), "small", tmp_path / "out")
+    report = run_suite(run, ledger=tmp_path / "ledger", jobs=2)
+    rows = Store(run.out / "study.sqlite", create=False).rows()
+    assert rows and all(r.status == "done" and r.attempts == 1 for r in rows)
+    assert {r.pid for r in rows} - {os.getpid()}, "no unit ran in the helper process"
+    assert len(list((tmp_path / "ledger" / "runs").glob("*.json"))) == len(rows)
+    [lora] = json.loads((report / "results.json").read_text())["rows"]
+    assert lora["seeds"] == [0, 1] and lora["tasks"]["addsub-eq"]["seeds"] == 2
+    helpers = subprocess.run(["pgrep", "-f", f"--worker-of {os.getpid()}"], capture_output=True, text=True)
+    assert helpers.stdout.strip() == ""
 
 
 def test_suite_config_errors(tmp_path):

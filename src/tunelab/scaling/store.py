@@ -189,15 +189,16 @@ class Store:
             return int(db.execute(f"SELECT COUNT(*) FROM runs WHERE NOT {IN_GRID}").fetchone()[0])
 
     # -- claims --------------------------------------------------------------------------------------------------
-    def claim(self) -> Claim | None:
-        """Recover stale claims, then take the next pending run (None when there is none)."""
+    def claim(self, prefer: str | None = None) -> Claim | None:
+        """Recover stale claims, then take run ``prefer`` if it is pending, else the next pending run (None when
+        there is none)."""
         pid = os.getpid()
         token = f"{self.host}:{pid}:{uuid.uuid4().hex[:8]}"
         now = time.time()
         with self.transaction() as db:
             self._recover(db, now)
             row = db.execute("SELECT key, config, factors, attempts FROM runs WHERE status = 'pending' AND "
-                             f"{IN_GRID} ORDER BY seq LIMIT 1").fetchone()
+                             f"{IN_GRID} ORDER BY key != ?, seq LIMIT 1", (prefer,)).fetchone()
             if row is None:
                 return None
             db.execute("UPDATE runs SET status = 'running', attempts = attempts + 1, claim = ?, host = ?, pid = ?, "
