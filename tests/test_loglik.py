@@ -189,14 +189,14 @@ def test_prefix_option_wins_acc(llama):
 
 def test_acc_norm_divides_by_continuation_bytes():
     item = MCItem("Q", [" a", " abcdefgh"], gold=1, labels=["answer1", "answer2"])
-    result = loglik._result(item, [-3.0, -9.0])  # per byte: -1.5 vs -1.0
+    result = loglik.mc_result(item, [-3.0, -9.0])  # per byte: -1.5 vs -1.0
     assert (result.pred, result.pred_norm) == (0, 1)
     assert (result.correct, result.correct_norm) == (False, True)
 
 
 def test_acc_norm_counts_utf8_bytes_not_characters():
     item = MCItem("Q", [" éé", " abcd"], gold=0, labels=["answer1", "answer2"])
-    result = loglik._result(item, [-5.0, -5.1])  # bytes 5 vs 5: -1.0 vs -1.02; characters 3 vs 5 would flip
+    result = loglik.mc_result(item, [-5.0, -5.1])  # bytes 5 vs 5: -1.0 vs -1.02; characters 3 vs 5 would flip
     assert result.pred_norm == 0
 
 

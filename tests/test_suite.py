@@ -215,6 +215,8 @@ def test_jobs_share_the_units_with_a_helper_process(tmp_path):
     assert len(list((tmp_path / "ledger" / "runs").glob("*.json"))) == len(rows)
     [lora] = json.loads((report / "results.json").read_text())["rows"]
     assert lora["seeds"] == [0, 1] and lora["tasks"]["addsub-eq"]["seeds"] == 2
+    threads = json.loads((report / "results.json").read_text())["meta"]["unit_threads"]
+    assert threads == {"1": len(rows)} and "threads per unit: 1 (" in (report / "table.md").read_text()
     helpers = subprocess.run(["pgrep", "-f", f"--worker-of {os.getpid()}"], capture_output=True, text=True)
     assert helpers.stdout.strip() == ""
 

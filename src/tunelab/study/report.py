@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -325,28 +326,32 @@ def _chart(result: dict[str, Any], sets: list[Any], path: Path) -> None:
     save_png(fig, path)
 
 
-def _unit_commits(store: Store) -> dict[str, int]:
-    """How many finished units each code commit produced ("unrecorded" for units from before commits were kept)."""
+def _count_units(store: Store, name_of: Callable[[dict[str, Any]], str]) -> dict[str, int]:
+    """How many finished units fall under each name that ``name_of`` gives their metrics."""
     counts: dict[str, int] = {}
     for r in store.rows():
         if r.status == "done":
-            c = (r.metrics or {}).get("commit") or "unrecorded"
-            counts[c] = counts.get(c, 0) + 1
+            name = name_of(r.metrics or {})
+            counts[name] = counts.get(name, 0) + 1
     return counts
+
+
+def _unit_commits(store: Store) -> dict[str, int]:
+    """How many finished units each code commit produced ("unrecorded" for units from before commits were kept)."""
+    return _count_units(store, lambda m: m.get("commit") or "unrecorded")
 
 
 def unit_dtypes(store: Store) -> dict[str, int]:
     """How many finished units trained and evaluated in each compute dtype (``auto`` resolves per machine: bf16
     where it has bf16 units, else fp32), e.g. {"train fp32 · eval fp32": 12}; "unrecorded" for older units."""
-    counts: dict[str, int] = {}
-    for r in store.rows():
-        if r.status != "done":
-            continue
-        m = r.metrics or {}
-        parts = [f"{what} {m[k]}" for what, k in (("train", "train_dtype"), ("eval", "eval_dtype")) if m.get(k)]
-        name = " · ".join(parts) or "unrecorded"
-        counts[name] = counts.get(name, 0) + 1
-    return counts
+    return _count_units(store, lambda m: " · ".join(
+        f"{what} {m[k]}" for what, k in (("train", "train_dtype"), ("eval", "eval_dtype")) if m.get(k)) or "unrecorded")
+
+
+def unit_threads(store: Store) -> dict[str, int]:
+    """How many finished units ran with each number of threads (``--jobs`` shares the cores out, so a unit's
+    tokens/s depends on it); "unrecorded" for units from before it was kept."""
+    return _count_units(store, lambda m: str(m["threads"]) if m.get("threads") else "unrecorded")
 
 
 def runtime(store: Store) -> dict[str, Any]:
@@ -424,6 +429,7 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
                       "commit": commit(), "machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
                       "data": json.loads((run.out / "data" / "info.json").read_text()),
                       "unit_commits": _unit_commits(store), "unit_dtypes": unit_dtypes(store),
+                      "unit_threads": unit_threads(store),
                       "runtime": runtime(store), "remaining": remaining(run, store)}
     sets = run.cfg.eval.sets
     m = result["meta"]
@@ -432,7 +438,8 @@ def write_report(run: Any, store: Store, folder: Path | None = None, command: st
               f"{m['machine']['cores']} cores, torch {m['machine']['torch']}) · {m['date']} · "
               f"{m['data']['train']} training / {m['data']['dev']} dev records · units run at "
               + ", ".join(f"{c} ({n})" for c, n in m["unit_commits"].items()) + " · compute dtypes of the units: "
-              + ", ".join(f"{c} ({n})" for c, n in m["unit_dtypes"].items()) + "\n\n"
+              + ", ".join(f"{c} ({n})" for c, n in m["unit_dtypes"].items()) + " · threads per unit: "
+              + ", ".join(f"{c} ({n})" for c, n in m["unit_threads"].items()) + "\n\n"
               + _runtime_line(m["runtime"]) + " " + _remaining_line(m["remaining"]) + "\n\n"
               "Accuracy in % with its 95% interval over seeds × items; ⚠ = fails the protocol's collapse check; "
               "Δ base: paired difference to the base row (task-stratified bootstrap, 95%).")

@@ -350,6 +350,7 @@ def _execute(config: dict[str, Any]) -> dict[str, Any]:
     result = run_row(cfg, CompareRow(**config["row"]))
     if "error" in result:
         raise RuntimeError(result["error"])
+    result["threads"] = _threads()  # what it trained with (train.threads, or the share --jobs gave this process)
     return result
 
 
@@ -367,7 +368,8 @@ def _execute_base(config: dict[str, Any]) -> dict[str, Any]:
     if proc.returncode != 0:
         raise RuntimeError(f"base evaluation failed (exit {proc.returncode}); see {out / 'log.txt'}")
     summary = json.loads((out / "eval" / "summary.json").read_text())
-    return {"label": "base", "eval_dtype": summary.get("dtype"), "tasks": {s["task"]: s for s in summary["tasks"]}}
+    return {"label": "base", "eval_dtype": summary.get("dtype"), "tasks": {s["task"]: s for s in summary["tasks"]},
+            "threads": int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)}  # the evaluation's
 
 
 def ensure(store: Store, key: str, config: dict[str, Any], factors: dict[str, Any],
@@ -430,12 +432,16 @@ def work(store: Store, ledger: Ledger | None, driver: int) -> int:
             return ran
 
 
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def threads_per_job(jobs: int) -> int:
     """Threads for each of ``jobs`` units run at once: this process's torch threads (OMP_NUM_THREADS or the
     cores) shared out, at least one."""
-    import torch
-
-    return max(1, torch.get_num_threads() // jobs)
+    return max(1, _threads() // jobs)
 
 
 def start_helpers(run: SuiteRun, jobs: int, ledger: str | Path | None) -> list[subprocess.Popen[bytes]]:
@@ -588,6 +594,8 @@ def run_suite(run: SuiteRun, *, retry_failed: bool = False, ledger: str | Path |
     added and not yet started — every row's search points are added up front, the grid extensions and seeds as the
     protocol reaches them. On a 2-core CPU two 1-thread units train 1.25-1.41x the steps per second of one
     2-thread unit (LoRA on SmolLM2, 8 x 128 tokens, measured 2026-12-08)."""
+    import torch
+
     from tunelab.study.report import write_report
 
     if jobs < 1:
@@ -608,9 +616,8 @@ def run_suite(run: SuiteRun, *, retry_failed: bool = False, ledger: str | Path |
     if retry_failed:
         store.reset_failed()
     helpers: list[subprocess.Popen[bytes]] = []
+    saved = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")  # restored at the end
     if jobs > 1:
-        import torch
-
         threads = threads_per_job(jobs)
         store.add_runs([(f"search/{unit_label(row.label, lr, run.scale.seeds[0])}",
                          _unit(run, row, lr, run.scale.seeds[0], []),
@@ -631,6 +638,11 @@ def run_suite(run: SuiteRun, *, retry_failed: bool = False, ledger: str | Path |
             h.terminate()
         for h in helpers:
             h.wait()
+        torch.set_num_threads(saved[0])
+        if saved[1] is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved[1]
     return write_report(run, store)
 
 
