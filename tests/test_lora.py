@@ -125,6 +125,17 @@ def _autograd_lora(layer: lora.LoraLinear, x: torch.Tensor) -> torch.Tensor:
     return base(x) + layer.scaling * nn.functional.linear(nn.functional.linear(x, layer.lora_A), layer.lora_B)
 
 
+def _counting_fast_path(run, layer):
+    """run(layer), counting the calls of the hand-written fast path: (its result, the number of calls)."""
+    calls = []
+    real = lora._LoraMatmul.apply
+    lora._LoraMatmul.apply = lambda *a: calls.append(1) or real(*a)
+    try:
+        return run(layer), len(calls)
+    finally:
+        lora._LoraMatmul.apply = real
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(7, 24), (2, 5, 24)])
 def test_fast_path_under_autocast_matches_autograd_and_an_fp32_reference(bias, shape):
@@ -145,13 +156,7 @@ def test_fast_path_under_autocast_matches_autograd_and_an_fp32_reference(bias, s
         y.float().backward(g)
         return [y.float(), x.grad, layer.lora_A.grad, layer.lora_B.grad]
 
-    calls = []
-    real = lora._LoraMatmul.apply
-    lora._LoraMatmul.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        fast = run(layer)
-    finally:
-        lora._LoraMatmul.apply = real
+    fast, calls = _counting_fast_path(run, layer)
     assert calls, "the fast path was not taken"
     assert fast[1].dtype == torch.float32 and fast[2].dtype == torch.float32
     slow = run(lambda t: _autograd_lora(layer, t))
@@ -205,13 +210,7 @@ def test_fast_path_in_fp32_matches_autograd(bias):
         y.backward(g)
         return [y, x.grad, layer.lora_A.grad, layer.lora_B.grad]
 
-    calls = []
-    real = lora._LoraMatmul.apply
-    lora._LoraMatmul.apply = lambda *a: calls.append(1) or real(*a)
-    try:
-        fast = run(layer)
-    finally:
-        lora._LoraMatmul.apply = real
+    fast, calls = _counting_fast_path(run, layer)
     assert calls, "the fast path was not taken in fp32"
     slow = run(lambda t: _autograd_lora(layer, t))
     for a, b in zip(fast, slow, strict=True):
