@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -217,8 +217,20 @@ def test_jobs_share_the_units_with_a_helper_process(tmp_path):
     assert lora["seeds"] == [0, 1] and lora["tasks"]["addsub-eq"]["seeds"] == 2
     threads = json.loads((report / "results.json").read_text())["meta"]["unit_threads"]
     assert threads == {"1": len(rows)} and "threads per unit: 1 (" in (report / "table.md").read_text()
-    helpers = subprocess.run(["pgrep", "-f", f"--worker-of {os.getpid()}"], capture_output=True, text=True)
-    assert helpers.stdout.strip() == ""
+    assert _helpers_of(os.getpid()) == []
+
+
+def _helpers_of(pid):
+    """Processes running with ``--worker-of pid`` (from /proc: no pgrep needed)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0") if proc.name.isdigit() else []
+        except OSError:
+            continue
+        if b"--worker-of" in argv[:-1] and argv[argv.index(b"--worker-of") + 1] == str(pid).encode():
+            found.append(int(proc.name))
+    return found
 
 
 def test_suite_config_errors(tmp_path):
